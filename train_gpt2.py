@@ -8,13 +8,16 @@ training loop, in the order the data flows. Importing this file runs nothing; `m
     python train_gpt2.py --init_from log/model_19073.pt --export gpt2_hf
 """
 
+import argparse
+import contextlib
 import functools
-import inspect
+import glob
 import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,9 @@ import tiktoken
 import tiktoken.load
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
 EOT = 50256  # <|endoftext|>: the document separator in every shard
@@ -253,12 +258,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     return idx
 
 
-def sample_text(model, prompt, num_samples=4, max_new_tokens=32, temperature=1.0, top_k=50, seed=42, device="cpu"):
+def sample_text(model, cfg, seed=42, device="cpu"):
+    """cfg: a SampleConfig. Returns cfg.num_samples strings, the prompt included."""
     enc = get_tokenizer()
-    tokens = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
-    idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    tokens = enc.encode(cfg.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(cfg.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
     return [enc.decode(row) for row in out.tolist()]
 
 
@@ -287,3 +293,481 @@ def load_model(name_or_path, device="cpu"):
     else:
         model = GPT.from_pretrained(name_or_path)
     return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_tokens(path, vocab_size):
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read shard {path} ({e}); regenerate it with fineweb.py") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UsageError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16 token ids; "
+                         "regenerate it with fineweb.py")
+    tokens = np.asarray(tokens)
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise UsageError(f"shard {path} holds token id {int(tokens.max())} >= vocab_size {vocab_size}; "
+                         "is it a GPT-2 token shard?")
+    return tokens
+
+
+class DataLoader:
+    """
+    Sequences of T tokens (plus one target) cut from a list of shards, one epoch after another.
+
+    Sequence q of the whole run is a pure function of (q, seed): epoch e = q // sequences_per_epoch
+    visits the shards in a seeded order and, within each shard, its documents (each starts at EOT)
+    in a seeded order. Rank r of W reads sequences ((step * accum + micro) * W + r) * B ... + B, so the
+    global batch of a step is the same set of sequences for any split of accum * W, and resuming
+    needs nothing but the step. Each shard drops only its last (n - 1) % T + 1 tokens.
+    """
+
+    def __init__(self, shards, T, vocab_size, seed=1337, shuffle=True):
+        # shards: .npy paths, or in-memory uint16 arrays (a tokenized .txt file)
+        self.shards, self.T, self.vocab_size = shards, T, vocab_size
+        self.seed, self.shuffle = seed, shuffle
+        lengths = [len(s) if isinstance(s, np.ndarray) else self._shard_length(s) for s in shards]
+        self.seqs_per_shard = np.array([max(n - 1, 0) // T for n in lengths])
+        self.seqs_per_epoch = int(self.seqs_per_shard.sum())
+        if self.seqs_per_epoch == 0:
+            raise UsageError(f"{sum(lengths)} tokens are too few for one sequence of seq_len {T}; "
+                             "use more data or a smaller --seq_len")
+        self._cache = {}  # (epoch, shard) -> tokens in this epoch's document order; holds at most two
+
+    @staticmethod
+    def _shard_length(path):
+        try:
+            return len(np.load(path, mmap_mode="r"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read shard {path} ({e}); regenerate it with fineweb.py") from None
+
+    def _shard_order(self, epoch):
+        if not self.shuffle:
+            return np.arange(len(self.shards))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+
+    def _tokens(self, epoch, shard):
+        key = (epoch if self.shuffle else 0, shard)
+        if key not in self._cache:
+            s = self.shards[shard]
+            tokens = s if isinstance(s, np.ndarray) else load_tokens(s, self.vocab_size)
+            if self.shuffle:
+                # documents start at EOT; a shard may also open with the tail of the previous shard's last one
+                starts = np.flatnonzero(tokens == EOT)
+                if len(starts) == 0 or starts[0] != 0:
+                    starts = np.concatenate([[0], starts])
+                ends = np.append(starts[1:], len(tokens))
+                order = np.random.default_rng([self.seed, epoch, shard]).permutation(len(starts))
+                tokens = np.concatenate([tokens[starts[i]:ends[i]] for i in order])
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = tokens
+        return self._cache[key]
+
+    def sequence(self, q):
+        epoch, q = divmod(q, self.seqs_per_epoch)
+        order = self._shard_order(epoch)
+        bounds = np.cumsum(self.seqs_per_shard[order])
+        i = int(np.searchsorted(bounds, q, side="right"))
+        start = (q - (bounds[i - 1] if i else 0)) * self.T
+        return self._tokens(epoch, int(order[i]))[start:start + self.T + 1]
+
+    def batch(self, indices):
+        buf = torch.from_numpy(np.stack([self.sequence(q) for q in indices]).astype(np.int64))
+        return buf[:, :-1], buf[:, 1:]  # inputs (B, T), targets (B, T)
+
+    def train_batch(self, step, micro, accum, rank, world, B):
+        q = ((step * accum + micro) * world + rank) * B
+        return self.batch(range(q, q + B))
+
+
+def find_data(path):
+    """--data: a folder of fineweb.py shards or a .txt file -> (train shards, val shards)."""
+    if path.endswith(".txt"):
+        if not os.path.isfile(path):
+            raise UsageError(f"text file {path} does not exist; try --data input.txt")
+        tokens = np.array(get_tokenizer().encode_ordinary(open(path, encoding="utf-8").read()), dtype=np.uint16)
+        if len(tokens) < 20:
+            raise UsageError(f"{path} holds only {len(tokens)} tokens; give it more text")
+        split = int(0.9 * len(tokens))  # the last 10% is held out for validation
+        return [tokens[:split]], [tokens[split:]]
+    train = sorted(glob.glob(os.path.join(path, "*_train_*.npy")))
+    val = sorted(glob.glob(os.path.join(path, "*_val_*.npy")))
+    if not train or not val:
+        missing = "train" if not train else "val"
+        raise UsageError(f"no {missing} shards (*_{missing}_*.npy) in '{path}': make them with `python fineweb.py` "
+                         f"(or --input FILES for local text), pass --data FOLDER_OR_TXT, "
+                         "or try `python train_gpt2.py --preset shakespeare`")
+    return train, val
+
+
+# -----------------------------------------------------------------------------
+# optimizer and learning rate schedule
+
+
+def configure_optimizer(model, weight_decay, lr, device_type):
+    # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains stay undecayed
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda"  # one kernel for all tensors instead of a loop of small ones
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and MFU
+
+# peak dense bf16 tensor-core FLOP/s, by a substring of torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def flops_per_token(model, T):
+    # PaLM (Chowdhery et al. 2022, appendix B): 6N for the matmuls forward and backward, N the parameters
+    # minus the position table (a lookup, no matmul; the tied wte counts as lm_head), plus 12*L*H*Q*T for
+    # attention scores and mixing, with L layers, H heads, Q head size and T the sequence length.
+    c = model.config
+    N = model.num_params() - model.transformer.wpe.weight.numel()
+    return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainConfig:
+    data: str = "edu_fineweb10B"  # folder of fineweb.py shards, or a .txt file (last 10% held out for val)
+    log_dir: str = "log"  # log.txt and checkpoints
+    batch_size: int = 64  # micro-batch B per process
+    seq_len: int = 1024  # T
+    total_batch_size: int = 524288  # tokens per optimizer step, ~0.5M as in GPT-3 Small; accumulation fills it
+    max_lr: float = 6e-4
+    min_lr: float = None  # default 0.1 * max_lr
+    warmup_steps: int = 715  # 375M tokens, as in GPT-3
+    max_steps: int = 19073  # 10B tokens / 524288
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    shuffle: bool = True  # seeded shard order per epoch and document order within shards
+    eval_interval: int = 250
+    val_tokens: int = 10485760  # a fixed prefix of the val split, the same for every world size
+    hellaswag: bool = True
+    hellaswag_data: str = None  # hellaswag_val.jsonl or its folder; default: hellaswag.py's download cache
+    sample_interval: int = 250
+    checkpoint_interval: int = 5000
+    resume: bool = False  # continue from the newest checkpoint in log_dir
+    init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
+    compile: bool = None  # default: on for CUDA
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16
+    seed: int = 1337
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "Hello, I'm a language model,"  # also the prompt of the samples printed during training
+    sample: bool = False  # sample from --init_from (or the newest checkpoint in --log_dir) and exit
+    num_samples: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 50
+    export: str = None  # write --init_from (or the newest checkpoint) as a transformers folder and exit
+
+
+PRESETS = {
+    # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
+    "shakespeare": dict(data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt"),
+                        log_dir="log_shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128,
+                        batch_size=16, seq_len=128, total_batch_size=4096, max_lr=2e-3, warmup_steps=20,
+                        max_steps=150, eval_interval=25, val_tokens=16384, sample_interval=50,
+                        checkpoint_interval=50, hellaswag=False, prompt="\n", max_new_tokens=48),
+}
+
+
+def setup_distributed(device_arg):
+    """Rank, world size and device; under torchrun, also the process group."""
+    ddp = "RANK" in os.environ  # set by torchrun
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_arg} asked for, but this torch sees no CUDA GPU; use --device cpu")
+    device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" and ddp else device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, world, device
+
+
+def all_reduce(t, ddp):
+    if ddp:
+        dist.all_reduce(t)  # SUM: gloo has no AVG
+    return t
+
+
+def accumulate_gradients(model, batches, autocast, ddp):
+    """Forward and backward over micro-batches; returns the mean loss. The gradients equal one big batch's."""
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(batches):
+        # DDP all-reduces gradients only after the last micro-step's backward; set before the forward
+        sync = not ddp or i == len(batches) - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            _, loss = model(x, y)
+            loss = loss / len(batches)  # the sum over micro-steps becomes the mean of the big batch
+            loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate_val(model, loader, cfg, rank, world, device, autocast, ddp):
+    model.eval()
+    n_seqs = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch)
+    mine = list(range(rank, n_seqs, world))
+    total = torch.zeros(2, device=device)  # sum of per-token losses, number of tokens
+    for i in range(0, len(mine), cfg.batch_size):
+        x, y = (t.to(device) for t in loader.batch(mine[i:i + cfg.batch_size]))
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], device=device)
+    model.train()
+    total = all_reduce(total, ddp)
+    return (total[0] / total[1]).item()
+
+
+def find_checkpoint(log_dir):
+    ckpts = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(path, raw_model, optimizer, step, cfg, device):
+    ckpt = {
+        "model": raw_model.state_dict(),  # the raw module: no _orig_mod. (compile) or module. (DDP) prefixes
+        "config": asdict(raw_model.config),
+        "optimizer": optimizer.state_dict(),
+        "step": step,  # steps done; the next step to run
+        "args": asdict(cfg),
+        # the loader is a pure function of (step, seed, shuffle): these make its position explicit
+        "loader": {"next_step": step, "seed": cfg.seed, "shuffle": cfg.shuffle},
+        "rng": {"cpu": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+    }
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
+
+
+class Logger:
+    """One line per event on stdout and, as `step stream value`, in log_dir/log.txt (appended, never wiped)."""
+
+    def __init__(self, log_dir, enabled):
+        self.enabled = enabled
+        self.path = os.path.join(log_dir, "log.txt")
+
+    def print(self, *args):
+        if self.enabled:
+            print(*args, flush=True)
+
+    def log(self, step, stream, value, fmt):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(f"{step} {stream} {value:{fmt}}\n")
+
+
+def train(cfg, model_cfg, sample_cfg):
+    ddp, rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    try:
+        _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
+    min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    B, T = cfg.batch_size, cfg.seq_len
+    if cfg.total_batch_size % (B * T * world):
+        ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
+        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
+                         f"world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
+    accum = cfg.total_batch_size // (B * T * world)
+
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+
+    # resume, or a fresh run that must not clobber an old one
+    ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
+    if cfg.resume and ckpt_path is None:
+        raise UsageError(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}'; drop --resume to start afresh")
+    if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
+        raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
+                         "or a new --log_dir (or delete the folder) to start afresh")
+
+    train_shards, val_shards = find_data(cfg.data)
+
+    # the model
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, device)
+        if ckpt.get("config") != asdict(model_cfg):
+            raise UsageError(f"{ckpt_path} is a model of shape {ckpt.get('config')}, not {asdict(model_cfg)}; "
+                             "pass the flags of that run or another --log_dir")
+        raw_model = GPT(model_cfg)
+        raw_model.load_state_dict(ckpt["model"])
+    elif cfg.init_from:
+        raw_model = load_model(cfg.init_from)
+        model_cfg = raw_model.config
+    else:
+        raw_model = GPT(model_cfg)
+    if T > raw_model.config.block_size:
+        raise UsageError(f"--seq_len {T} is longer than the model's block_size {raw_model.config.block_size}")
+    raw_model.to(device)
+
+    # the data; the model's vocab_size bounds its token ids
+    train_loader = DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle)
+    val_loader = DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)
+    hella_examples = None
+    if cfg.hellaswag:
+        import hellaswag  # imported here: hellaswag.py imports this file
+        try:
+            hella_examples = hellaswag.load_examples("val", data=cfg.hellaswag_data)
+        except UsageError as e:
+            if master:
+                print(f"HellaSwag skipped: {e}", flush=True)
+
+    # eval runs the compiled model too; HellaSwag (ragged shapes) and sampling (KV cache) run the raw one
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if ddp else compiled
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type)
+    start_step = 0
+    if ckpt_path:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+        del ckpt
+
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    log = Logger(cfg.log_dir, master)
+    flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
+    peak = peak_flops(device)
+    log.print(f"{raw_model.num_params():,} parameters | {world} process(es) on {device} | {dtype} | compile "
+              f"{use_compile} | B={B} T={T} accum={accum} | {cfg.total_batch_size:,} tokens/step | "
+              f"{train_loader.seqs_per_epoch * T:,} train tokens" + (f" | resuming at step {start_step}" if ckpt_path else ""))
+
+    step_times = []
+    for step in range(start_step, cfg.max_steps):
+        last = step == cfg.max_steps - 1
+        if step % cfg.eval_interval == 0 or last:
+            val_loss = evaluate_val(compiled, val_loader, cfg, rank, world, device, autocast, ddp)
+            log.print(f"step {step:5d} | val loss {val_loss:.4f}")
+            log.log(step, "val", val_loss, ".4f")
+            if hella_examples is not None:
+                n, _, n_norm = hellaswag.evaluate(raw_model, hella_examples, device, rank=rank, world_size=world,
+                                                  autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+                counts = all_reduce(torch.tensor([n, n_norm], dtype=torch.long, device=device), ddp)
+                acc = counts[1].item() / counts[0].item()
+                log.print(f"step {step:5d} | HellaSwag acc_norm {counts[1].item()}/{counts[0].item()} = {acc:.4f}")
+                log.log(step, "hella", acc, ".4f")
+        if master and ((step > 0 and step % cfg.sample_interval == 0) or last):
+            with autocast:
+                texts = sample_text(raw_model, sample_cfg, seed=42, device=device)
+            log.print("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
+
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        batches = [tuple(t.to(device, non_blocking=True) for t in train_loader.train_batch(step, m, accum, rank, world, B))
+                   for m in range(accum)]
+        loss = all_reduce(accumulate_gradients(model, batches, autocast, ddp), ddp) / world
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        if not math.isfinite(loss.item()) or not math.isfinite(norm.item()):
+            good = find_checkpoint(cfg.log_dir)
+            raise UsageError(f"loss {loss.item()} / grad norm {norm.item()} is not finite at step {step}; "
+                             f"lower --max_lr or check the data. The last good checkpoint is intact: {good}")
+        lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step_times = (step_times + [dt])[-20:]
+        eta = sum(step_times) / len(step_times) * (cfg.max_steps - step - 1)
+        mfu = f" | MFU {flops_step / dt / (peak * world) * 100:.1f}%" if peak else ""
+        log.print(f"step {step:5d} | loss {loss.item():.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+                  f"{dt * 1000:.0f} ms | {cfg.total_batch_size / dt:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min")
+        log.log(step, "train", loss.item(), ".6f")
+
+        if master and ((step + 1) % cfg.checkpoint_interval == 0 or last):
+            save_checkpoint(os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt"), raw_model, optimizer, step + 1, cfg, device)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; flags override it")
+    for f in fields(GPTConfig) + fields(TrainConfig) + fields(SampleConfig):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type if f.type in (int, float) else str, metavar=f.name.upper())
+    given = vars(parser.parse_args(argv))
+    values = {**PRESETS.get(given.pop("preset", None), {}), **given}
+    pick = lambda cls: cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+    return pick(GPTConfig), pick(TrainConfig), pick(SampleConfig)
+
+
+def main(argv=None):
+    model_cfg, cfg, sample_cfg = parse_args(argv)
+    try:
+        if not sample_cfg.sample and sample_cfg.export is None:
+            return train(cfg, model_cfg, sample_cfg)
+        source = cfg.init_from or find_checkpoint(cfg.log_dir)
+        if source is None:
+            raise UsageError(f"nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")
+        device = setup_distributed(cfg.device)[3]
+        model = load_model(source, device)
+        if sample_cfg.export:
+            print(f"wrote {export_hf(model, sample_cfg.export)} (load with GPT2LMHeadModel.from_pretrained)")
+        if sample_cfg.sample:
+            for text in sample_text(model, sample_cfg, seed=cfg.seed, device=device):
+                print(f"{text}\n{'-' * 40}")
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    # hellaswag.py imports this file as `train_gpt2`: make that the module running now, so both see one
+    # UsageError class (and one copy of everything else)
+    sys.modules["train_gpt2"] = sys.modules["__main__"]
+    main()

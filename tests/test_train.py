@@ -1,0 +1,322 @@
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from train_gpt2 import (EOT, GPT, DataLoader, GPTConfig, accumulate_gradients, configure_optimizer, get_lr, main)
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+        "--seq_len", "32", "--total_batch_size", "256", "--val_tokens", "512", "--no-hellaswag",
+        "--sample_interval", "1000", "--checkpoint_interval", "1000", "--max_lr", "1e-3", "--warmup_steps", "3"]
+
+
+def run_script(args, cwd, launcher=None, timeout=300):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train_gpt2.py")] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_log(path, stream):
+    rows = [line.split() for line in open(path)]
+    return {int(step): float(value) for step, s, value in rows if s == stream}
+
+
+def make_shards(folder, docs_per_shard, seed=0, prefix="test"):
+    """Shards whose non-EOT tokens are all distinct, so a token's count says how often it was read."""
+    rng = np.random.default_rng(seed)
+    next_id = 0
+    os.makedirs(folder, exist_ok=True)
+    for i, n_docs in enumerate(docs_per_shard):
+        parts = []
+        for _ in range(n_docs):
+            length = int(rng.integers(5, 40))
+            parts += [EOT] + list(range(next_id, next_id + length))
+            next_id += length
+        split = "val" if i == 0 else "train"
+        np.save(os.path.join(folder, f"{prefix}_{split}_{i:06d}.npy"), np.array(parts, dtype=np.uint16))
+    assert next_id < EOT
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# the optimizer and the schedule
+
+
+def test_lr_schedule_warmup_and_cosine():
+    kw = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
+    assert get_lr(0, **kw) == pytest.approx(6e-4 / 715)
+    assert get_lr(714, **kw) == pytest.approx(6e-4)
+    mid = 715 + (19073 - 715) // 2
+    assert get_lr(mid, **kw) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+    assert get_lr(19072, **kw) == pytest.approx(6e-5, rel=1e-3)
+    assert get_lr(19073, **kw) == pytest.approx(6e-5)
+    assert get_lr(30000, **kw) == 6e-5
+
+
+def test_weight_decay_only_on_matrices_and_embeddings():
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    opt = configure_optimizer(model, 0.1, 6e-4, "cpu")
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "transformer.wte.weight" in decayed and "transformer.wpe.weight" in decayed
+    assert "transformer.h.0.attn.c_attn.weight" in decayed and "transformer.h.1.mlp.c_proj.weight" in decayed
+    assert not any(n.endswith(".bias") or ".ln_" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 128, (8, 16)), torch.randint(0, 128, (8, 16))
+    big_loss = accumulate_gradients(model, [(x, y)], torch.autocast("cpu", enabled=False), ddp=False)
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    small_loss = accumulate_gradients(model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)],
+                                      torch.autocast("cpu", enabled=False), ddp=False)
+    assert small_loss.item() == pytest.approx(big_loss.item(), abs=1e-6)
+    for a, b in zip(big, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the data loader
+
+
+def epoch_tokens(loader, world, B, accum, steps):
+    seen = Counter()
+    for step in range(steps):
+        for micro in range(accum):
+            for rank in range(world):
+                x, y = loader.train_batch(step, micro, accum, rank, world, B)
+                seen.update(x.flatten().tolist())
+    return seen
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_loader_reads_every_train_token_once_per_epoch(tmp_path, shuffle):
+    make_shards(tmp_path, [5, 30, 45, 25])
+    shards = sorted(str(p) for p in tmp_path.glob("*_train_*.npy"))
+    T, B, world, accum = 16, 2, 2, 1
+    loader = DataLoader(shards, T, 50304, seed=1, shuffle=shuffle)
+    steps = loader.seqs_per_epoch // (B * world * accum)
+    seen = epoch_tokens(loader, world, B, accum, steps)
+    # (seqs_per_epoch % (B*world)) sequences fall into the next epoch's first step: count them back
+    spill = loader.seqs_per_epoch - steps * B * world * accum
+    for q in range(loader.seqs_per_epoch - spill, loader.seqs_per_epoch):
+        seen.update(loader.sequence(q)[:-1].tolist())
+    all_tokens = Counter()
+    tail = 0
+    for s in shards:
+        t = np.load(s)
+        all_tokens.update(t.tolist())
+        tail += (len(t) - 1) % T + 1  # the last tokens of a shard that cannot fill a sequence (+1 target)
+    assert sum(seen.values()) == sum(all_tokens.values()) - tail
+    assert all(c == 1 for tok, c in seen.items() if tok != EOT)  # no token twice
+    assert len(all_tokens) - len(seen) <= tail  # and none missing beyond the tail
+
+
+def test_loader_shuffle_is_seeded_and_changes_per_epoch(tmp_path):
+    make_shards(tmp_path, [5, 30, 45, 25])
+    shards = sorted(str(p) for p in tmp_path.glob("*_train_*.npy"))
+    a, b = DataLoader(shards, 16, 50304, seed=7), DataLoader(shards, 16, 50304, seed=7)
+    n = a.seqs_per_epoch
+    first = np.concatenate([a.sequence(q)[:-1] for q in range(n)])
+    assert np.array_equal(first, np.concatenate([b.sequence(q)[:-1] for q in range(n)]))
+    second = np.concatenate([a.sequence(q)[:-1] for q in range(n, 2 * n)])
+    assert not np.array_equal(first, second)
+    other_seed = DataLoader(shards, 16, 50304, seed=8)
+    assert not np.array_equal(first, np.concatenate([other_seed.sequence(q)[:-1] for q in range(n)]))
+    plain = DataLoader(shards, 16, 50304, shuffle=False)
+    expected = np.load(shards[0])[:17]
+    assert np.array_equal(plain.sequence(0), expected)
+    # shuffling moves whole documents: each still starts with EOT and keeps its tokens in order
+    docs = np.split(first, np.flatnonzero(first == EOT))
+    assert all(np.all(np.diff(d[1:].astype(int)) == 1) for d in docs if len(d) > 2)
+
+
+def test_global_batch_is_the_same_for_any_world_size(tmp_path):
+    make_shards(tmp_path, [5, 60, 60])
+    shards = sorted(str(p) for p in tmp_path.glob("*_train_*.npy"))
+    loader = DataLoader(shards, 16, 50304, seed=3)
+    for step in range(3):
+        one = torch.cat([loader.train_batch(step, m, 4, 0, 1, 2)[0] for m in range(4)])
+        four = torch.cat([loader.train_batch(step, 0, 1, r, 4, 2)[0] for r in range(4)])
+        two = torch.cat([loader.train_batch(step, m, 2, r, 2, 2)[0] for m in range(2) for r in range(2)])
+        assert torch.equal(one, four) and torch.equal(one, two)
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+
+def test_quickstart_preset_smoke(tmp_path):
+    r = run_script(["--preset", "shakespeare", "--max_steps", "3", "--eval_interval", "2", "--val_tokens", "2048"],
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = tmp_path / "log_shakespeare" / "log.txt"
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("0 val ") and lines[1].startswith("0 train ")
+    for line in lines:
+        step, stream, value = line.split()
+        assert stream in ("train", "val") and int(step) in (0, 1, 2)
+        assert len(value.split(".")[1]) == (6 if stream == "train" else 4)
+    train = read_log(log, "train")
+    assert train[2] < train[0] < 11.5
+    assert "sample 0:" in r.stdout and "tok/s" in r.stdout
+    assert (tmp_path / "log_shakespeare" / "model_000003.pt").exists()
+
+
+def test_resume_is_exact(tmp_path):
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "8", "--checkpoint_interval", "4",
+                   "--eval_interval", "3"]
+    full = tmp_path / "full"
+    main(args + ["--log_dir", str(full)])
+    # a run stopped after step 4: exactly what the uninterrupted run had on disk at that moment
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(full / "model_000004.pt", cut)
+    before = [l for l in (full / "log.txt").read_text().splitlines() if int(l.split()[0]) < 4]
+    (cut / "log.txt").write_text("\n".join(before) + "\n")
+    main(args + ["--log_dir", str(cut), "--resume"])
+    assert read_log(cut / "log.txt", "train") == read_log(full / "log.txt", "train")
+    assert read_log(cut / "log.txt", "val") == read_log(full / "log.txt", "val")
+    assert (cut / "log.txt").read_text().startswith("\n".join(before))  # appended, not wiped
+    a, b = torch.load(full / "model_000008.pt"), torch.load(cut / "model_000008.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_and_two_nodes_match_one_process(tmp_path):
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--eval_interval", "5"]
+    r = run_script(args + ["--log_dir", "single"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    r = run_script(args + ["--log_dir", "ddp"], cwd=tmp_path,
+                   launcher=torchrun + ["--standalone", "--nproc_per_node=2"])
+    assert r.returncode == 0, r.stderr
+    port = str(free_port())
+    nodes = [subprocess.Popen(torchrun + ["--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
+                                          "--master_addr=127.0.0.1", f"--master_port={port}",
+                                          str(ROOT / "train_gpt2.py")] + args + ["--log_dir", "nodes"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(2)]
+    for p in nodes:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    single = read_log(tmp_path / "single" / "log.txt", "train")
+    assert len(single) == 10
+    for other in ("ddp", "nodes"):
+        got = read_log(tmp_path / other / "log.txt", "train")
+        assert got.keys() == single.keys()
+        assert max(abs(got[s] - single[s]) for s in single) <= 1e-5
+        val = read_log(tmp_path / other / "log.txt", "val")
+        assert max(abs(v - read_log(tmp_path / "single" / "log.txt", "val")[s]) for s, v in val.items()) <= 1e-5
+    assert "accum=1" in r.stdout and "2 process(es)" in r.stdout
+
+
+@pytest.mark.slow
+def test_compiled_run_with_val_hellaswag_and_samples(tmp_path):
+    fixture = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+    args = TINY + ["--block_size", "256", "--data", str(ROOT / "input.txt"), "--max_steps", "3",
+                   "--eval_interval", "2", "--compile", "--hellaswag", "--hellaswag_data", str(fixture),
+                   "--sample_interval", "2", "--log_dir", "log"]
+    r = run_script(args, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "compile True" in r.stdout
+    log = tmp_path / "log" / "log.txt"
+    assert set(read_log(log, "hella")) == {0, 2}
+    assert all(0 <= v <= 1 for v in read_log(log, "hella").values())
+    assert set(read_log(log, "val")) == {0, 2}
+    assert r.stdout.count("sample 0:") == 1  # step 2, the last step
+    assert "HellaSwag acc_norm" in r.stdout and "/100 =" in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, non-zero exit, nothing overwritten
+
+
+def expect_error(args, match):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and match in msg, msg
+    return msg
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    base = TINY + ["--max_steps", "2", "--log_dir", str(tmp_path / "log")]
+    expect_error(base + ["--data", str(tmp_path / "nowhere")], "no train shards")
+    (tmp_path / "empty").mkdir()
+    expect_error(base + ["--data", str(tmp_path / "empty")], "python fineweb.py")
+    expect_error(base + ["--data", str(tmp_path / "missing.txt")], "does not exist")
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.save(wrong / "x_val_000000.npy", np.arange(1000, dtype=np.int32))
+    np.save(wrong / "x_train_000001.npy", np.arange(1000, dtype=np.int32))
+    expect_error(base + ["--data", str(wrong)], "not 1-D uint16")
+    big = tmp_path / "big"
+    big.mkdir()
+    np.save(big / "x_val_000000.npy", np.full(1000, 60000, dtype=np.uint16))
+    np.save(big / "x_train_000001.npy", np.full(1000, 60000, dtype=np.uint16))
+    expect_error(base + ["--data", str(big)], "token id 60000 >= vocab_size 50304")
+    assert not (tmp_path / "log" / "log.txt").exists()
+
+
+def test_bad_shapes_are_clear_errors(tmp_path):
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--log_dir", str(tmp_path / "log")]
+    expect_error(base + ["--seq_len", "64"], "longer than the model's block_size 32")
+    msg = expect_error(base + ["--total_batch_size", "300"], "not divisible")
+    assert "--total_batch_size 256" in msg
+    expect_error(base + ["--device", "cuda"], "no CUDA")
+
+
+def test_bad_resume_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    log = tmp_path / "log"
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--log_dir", str(log)]
+    expect_error(base + ["--resume"], "no checkpoint")
+    main(base + ["--max_steps", "2"])
+    ckpt = log / "model_000002.pt"
+    saved = ckpt.read_bytes()
+    expect_error(base + ["--max_steps", "4"], "already holds a run")
+    expect_error(base + ["--resume", "--max_steps", "4", "--n_layer", "3"], "pass the flags of that run")
+    assert ckpt.read_bytes() == saved
+    (log / "model_000003.pt").write_bytes(saved[:1000])  # a truncated newest checkpoint
+    expect_error(base + ["--resume", "--max_steps", "4"], "corrupt")
+    assert ckpt.read_bytes() == saved
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    log = tmp_path / "log"
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--log_dir", str(log)]
+    main(base + ["--max_steps", "2"])
+    ckpt = torch.load(log / "model_000002.pt")
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = math.nan
+    torch.save(ckpt, log / "model_000002.pt")
+    saved = (log / "model_000002.pt").read_bytes()
+    msg = expect_error(base + ["--max_steps", "6", "--resume"], "not finite at step 2")
+    assert "model_000002.pt" in msg
+    assert (log / "model_000002.pt").read_bytes() == saved
+    assert sorted(p.name for p in log.glob("model_*")) == ["model_000002.pt"]
+
+
+def test_no_shards_and_no_gpu_says_what_to_run(tmp_path):
+    r = run_script([], cwd=tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "python fineweb.py" in r.stderr
