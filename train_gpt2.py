@@ -15,8 +15,10 @@ import glob
 import json
 import math
 import os
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -181,8 +183,10 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel  # only here, so training never needs transformers
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
+        offline = not os.path.isdir(name_or_path) and not hub_reachable()
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+            # offline, take the HF cache as it is instead of retrying the hub for half a minute
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=offline)
         except OSError as e:
             raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); "
                              "offline? pass a local folder saved by transformers' save_pretrained") from None
@@ -194,6 +198,17 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_state_dict(hf_to_ours(hf.state_dict()))
         return model
+
+
+def hub_reachable(timeout=3.0):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # OpenAI's checkpoints use a Conv1D module whose weight is (in, out); nn.Linear's is (out, in)
@@ -757,6 +772,8 @@ def main(argv=None):
             raise UsageError(f"nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")
         device = setup_distributed(cfg.device)[3]
         model = load_model(source, device)
+        if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+            model.to(torch.bfloat16)  # sampling reads every weight once per token: half the bytes, ~2x faster
         if sample_cfg.export:
             print(f"wrote {export_hf(model, sample_cfg.export)} (load with GPT2LMHeadModel.from_pretrained)")
         if sample_cfg.sample:

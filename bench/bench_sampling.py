@@ -1,0 +1,38 @@
+"""
+Time sampling 256 new tokens from a randomly initialised GPT-2 124M, with and without the KV cache.
+
+    python bench/bench_sampling.py [--tokens 256] [--device cpu]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from train_gpt2 import EOT, GPT, GPTConfig, generate  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).to(args.device).eval()
+    idx = torch.tensor([[EOT]], device=args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{args.tokens} new tokens, batch 1, top-k 50")
+    for dtype, use_cache in ((torch.float32, True), (torch.bfloat16, True), (torch.float32, False)):
+        model.to(dtype)
+        generate(model, idx, 4, use_cache=use_cache)  # warm up
+        t0 = time.time()
+        generate(model, idx, args.tokens, generator=torch.Generator(args.device).manual_seed(0), use_cache=use_cache)
+        dt = time.time() - t0
+        print(f"{str(dtype).removeprefix('torch.'):9s} kv cache {'on ' if use_cache else 'off'}: {dt:6.2f} s "
+              f"({dt / args.tokens * 1000:.1f} ms/token)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""
+HellaSwag (Zellers et al. 2019) in completion style: the model reads a context and we ask which of
+4 endings it finds least surprising. `acc` picks the ending with the lowest summed cross-entropy,
+`acc_norm` the lowest mean per token; OpenAI's GPT-2 124M scores acc_norm 0.2955, GPT-3 124M 0.337.
+The same evaluate() runs inside train_gpt2.py every eval interval. Importing this file runs nothing.
+
+    python hellaswag.py -m gpt2                                   # the baseline to beat
+    python hellaswag.py -m log/model_19073.pt --data ../shared/data/hellaswag
+    python hellaswag.py -m gpt2 --limit 200 -d cpu                # a quick look
+
+The last stdout line is JSON, {"examples": N, "acc": a, "acc_norm": b}, for scripts to read.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model
+
+SPLITS = ("train", "val", "test")
+DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+CACHE_DIR = Path(__file__).with_name("hellaswag")
+# Only val's hash is pinned: it was checked against a copy of the file. train and test are
+# downloaded unchecked, since we have no verified copy of them to take a hash from.
+SHA256 = {"val": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"}
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def download(split):
+    """The cached path of hellaswag_{split}.jsonl, downloading it from rowanz/hellaswag if missing."""
+    path = CACHE_DIR / f"hellaswag_{split}.jsonl"
+    if path.is_file():
+        return path
+    url = DATA_URL.format(split=split)
+    CACHE_DIR.mkdir(exist_ok=True)
+    # a private temp file, renamed into place only when complete and verified: an interrupted
+    # download, or DDP ranks downloading at the same time, never leave a half-written cache file
+    fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, f)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        if split in SHA256 and digest != SHA256[split]:
+            raise UsageError(f"{url} has sha256 {digest}, expected {SHA256[split]}; "
+                             f"pass --data with a verified copy of hellaswag_{split}.jsonl")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"could not download {url} ({e}); offline? pass --data ../shared/data/hellaswag "
+                         f"or a path to hellaswag_{split}.jsonl") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def check_example(ex):
+    """Why `ex` cannot be scored, or None if it can."""
+    if not isinstance(ex, dict):
+        return "not a JSON object"
+    if not isinstance(ex.get("ctx"), str) or not ex["ctx"]:
+        return "'ctx' must be a non-empty string"  # the first ending token needs a token before it
+    endings = ex.get("endings")
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        return "'endings' must be a list of 4 strings"
+    if type(ex.get("label")) is not int or not 0 <= ex["label"] <= 3:
+        return f"'label' must be an integer 0..3 (got {ex.get('label')!r})"
+    return None
+
+
+def load_examples(split="val", data=None, limit=None):
+    """
+    HellaSwag examples as dicts (ctx, endings, label, ...), validated. data: None for the cache
+    folder next to this file (downloaded if missing), a .jsonl file, or a folder holding
+    hellaswag_{split}.jsonl. limit: the first `limit` examples; None or 0 for all.
+    """
+    if split not in SPLITS:
+        raise UsageError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    if limit is not None and limit < 0:
+        raise UsageError(f"limit must be >= 0 (got {limit}); 0 means all examples")
+    if data is None:
+        path = download(split)
+    else:
+        path = Path(data)
+        if path.is_dir():
+            path = path / f"hellaswag_{split}.jsonl"
+        if not path.is_file():
+            raise UsageError(f"no HellaSwag data at '{path}': pass --data with a hellaswag_{split}.jsonl "
+                             "file or the folder holding it")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit and len(examples) == limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            problem = check_example(ex)
+            if problem:
+                raise UsageError(f"{path}:{lineno}: {problem}")
+            examples.append(ex)
+    if not examples:
+        raise UsageError(f"{path} holds no examples")
+    return examples
+
+
+def render_example(example):
+    """
+    tokens, mask: LongTensors (4, L), one row per ending: the context's tokens, then the ending's,
+    right-padded with 0s to the longest row; mask is 1 on the ending's tokens only. label: int.
+    """
+    enc = get_tokenizer()
+    ctx = enc.encode_ordinary(example["ctx"])
+    # the leading space makes the ending's first word the same token as mid-sentence, as GPT-2 saw it
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    L = len(ctx) + max(len(e) for e in endings)
+    tokens = torch.zeros((4, L), dtype=torch.long)
+    mask = torch.zeros((4, L), dtype=torch.long)
+    for i, ending in enumerate(endings):
+        n = len(ctx) + len(ending)
+        tokens[i, :n] = torch.tensor(ctx + ending)
+        mask[i, len(ctx):n] = 1
+    return tokens, mask, example["label"]
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def ending_losses(model, tokens, mask, autocast_dtype=None):
+    """Sum and mean cross-entropy (float32, shape (rows,)) of the masked tokens in each row of tokens (rows, T)."""
+    with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, _ = model(tokens)
+    # position t predicts token t+1. Only the ending tokens' losses are needed: taking just their
+    # logits (a third of the rows) makes the softmax over the vocab cheaper. Padded vocab entries
+    # (50257..) are no real token and take no probability mass. float32: bf16 would blur the small
+    # differences between endings.
+    mask = mask[:, 1:].bool()
+    scored = F.cross_entropy(logits[:, :-1][mask][:, :GPT2_VOCAB].float(), tokens[:, 1:][mask], reduction="none")
+    losses = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device).masked_scatter_(mask, scored)
+    sum_loss = losses.sum(dim=1)
+    return sum_loss, sum_loss / mask.sum(dim=1)
+
+
+def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
+    """
+    Score examples[rank::world_size] with `model` (our GPT: model(idx) -> (logits, loss)), batch_size
+    examples (4 rows each) per forward. Returns this rank's counts (examples, correct by lowest sum
+    loss, correct by lowest mean loss) for the caller to all-reduce. Pass the model without
+    torch.compile: every batch has its own length, which would recompile the graph again and again.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1 (got {batch_size})")
+    was_training = model.training
+    model.eval()
+    rendered = [render_example(ex) for ex in examples[rank::world_size]]
+    # longest first, so each batch holds similar lengths and little compute goes to padding; the
+    # first batch is the largest, so an out-of-memory batch_size fails at once, not at the end
+    order = sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1), reverse=True)
+    num_examples = num_correct = num_correct_norm = 0
+    bar = tqdm(total=len(rendered), desc="hellaswag", unit="ex", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [rendered[i] for i in order[start:start + batch_size]]
+            # right padding is safe: under causal attention no earlier position sees it, and the
+            # mask leaves it out of the losses
+            T = max(t.size(1) for t, _, _ in batch)
+            tokens = torch.zeros((4 * len(batch), T), dtype=torch.long)
+            mask = torch.zeros((4 * len(batch), T), dtype=torch.long)
+            for j, (t, m, _) in enumerate(batch):
+                tokens[4 * j:4 * j + 4, :t.size(1)] = t
+                mask[4 * j:4 * j + 4, :m.size(1)] = m
+            labels = torch.tensor([label for _, _, label in batch], device=device)
+            sum_loss, mean_loss = ending_losses(model, tokens.to(device), mask.to(device), autocast_dtype)
+            num_examples += len(batch)
+            num_correct += (sum_loss.view(-1, 4).argmin(dim=1) == labels).sum().item()
+            num_correct_norm += (mean_loss.view(-1, 4).argmin(dim=1) == labels).sum().item()
+            bar.set_postfix(acc_norm=f"{num_correct_norm / num_examples:.4f}", refresh=False)
+            bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    return num_examples, num_correct, num_correct_norm
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main():
+    default_device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", default="gpt2",
+                        help="gpt2 ... gpt2-xl, a folder saved by transformers, or a train_gpt2.py .pt checkpoint")
+    parser.add_argument("-d", "--device", default=default_device)
+    parser.add_argument("--data", default=None,
+                        help="a .jsonl file or a folder holding hellaswag_{split}.jsonl "
+                             f"(default: download to {CACHE_DIR.name}/ next to this script)")
+    parser.add_argument("--split", default="val", choices=SPLITS)
+    parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    args = parser.parse_args()
+    try:
+        examples = load_examples(args.split, args.data, args.limit)  # before the model: bad data fails fast
+        model = load_model(args.model, args.device)
+        # bf16 autocast where it pays off; the losses are float32 either way
+        autocast_dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else None
+        t0 = time.time()
+        n, correct, correct_norm = evaluate(model, examples, args.device, args.batch_size,
+                                            autocast_dtype=autocast_dtype, progress=True)
+        dt = time.time() - t0
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.model} on HellaSwag {args.split}: {n} examples in {dt:.1f}s ({n / dt:.1f}/s on {args.device})")
+    print(f"acc {correct / n:.4f}  acc_norm {correct_norm / n:.4f}")
+    print(json.dumps({"examples": n, "acc": correct / n, "acc_norm": correct_norm / n}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hellaswag
+from train_gpt2 import GPT, GPT2_VOCAB, UsageError, get_tokenizer, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).with_name("fixtures") / "hellaswag_val_100.jsonl"  # the first 100 val examples
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return hellaswag.load_examples(data=FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny randomly initialised GPT2LMHeadModel saved by transformers (the longest fixture row is 86 tokens)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, n_positions=128, n_layer=2, n_head=2, n_embd=32))
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(hf_folder):
+    return load_model(str(hf_folder), "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(hf_folder, examples):
+    """Per-ending (sum, mean) loss, shape (N, 4, 2), by the HF model itself, one ending and one token at a time."""
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    enc = get_tokenizer()
+    scores = []
+    with torch.no_grad():
+        for ex in examples:
+            ctx = enc.encode(ex["ctx"])
+            per_ending = []
+            for ending in ex["endings"]:
+                end = enc.encode(" " + ending)
+                logprobs = F.log_softmax(hf(torch.tensor([ctx + end]), use_cache=False).logits[0].double(), dim=-1)
+                losses = [-logprobs[len(ctx) + k - 1, tok].item() for k, tok in enumerate(end)]
+                per_ending.append((sum(losses), sum(losses) / len(losses)))
+            scores.append(per_ending)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(model, examples):
+    """Per-ending (sum, mean) loss, shape (N, 4, 2), by our scoring with one example per forward pass."""
+    scores = []
+    with torch.no_grad():
+        for ex in examples:
+            tokens, mask, _ = hellaswag.render_example(ex)
+            scores.append(torch.stack(hellaswag.ending_losses(model, tokens, mask), dim=1))
+    return torch.stack(scores).double()
+
+
+def counts(scores, examples):
+    """(examples, correct by lowest sum loss, correct by lowest mean loss) from per-ending scores (N, 4, 2)."""
+    labels = torch.tensor([ex["label"] for ex in examples])
+    correct = (scores[:, :, 0].argmin(dim=1) == labels).sum().item()
+    correct_norm = (scores[:, :, 1].argmin(dim=1) == labels).sum().item()
+    return len(examples), correct, correct_norm
+
+
+def run_cli(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "hellaswag.py", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+
+def test_render_example_tokens_and_mask_hand_checked(examples):
+    tokens, mask, label = hellaswag.render_example(examples[0])
+    # "A man is sitting on a roof. he" + " is using wrap to wrap a pair of skis." and 3 more endings
+    enc = get_tokenizer()
+    ctx_len = 9  # A| man| is| sitting| on| a| roof|.| he
+    ending_lens = [11, 6, 8, 9]  # " sk|is|." in the first, " rub|ik|'s" in the third, " roof|ing" in the fourth
+    assert label == 3
+    assert tokens.shape == mask.shape == (4, ctx_len + 11)
+    assert [enc.decode([t]) for t in tokens[0, :ctx_len].tolist()] == \
+        ["A", " man", " is", " sitting", " on", " a", " roof", ".", " he"]
+    assert all(tokens[i, :ctx_len].tolist() == tokens[0, :ctx_len].tolist() for i in range(4))
+    # each ending is encoded with its leading space: " is" / " starts" as one token each
+    assert enc.decode(tokens[1, ctx_len:ctx_len + 6].tolist()) == " is ripping level tiles off."
+    assert enc.decode([tokens[3, ctx_len].item()]) == " starts"
+    for i, n in enumerate(ending_lens):
+        assert mask[i].tolist() == [0] * ctx_len + [1] * n + [0] * (11 - n)
+        assert tokens[i, ctx_len + n:].tolist() == [0] * (11 - n)  # padding
+
+
+# -----------------------------------------------------------------------------
+# scoring, against a reference computed with the HF model itself
+
+
+def test_ending_losses_match_hf_reference(one_at_a_time, reference):
+    torch.testing.assert_close(one_at_a_time[:, :, 0], reference[:, :, 0], atol=1e-4, rtol=1e-5)  # sums
+    torch.testing.assert_close(one_at_a_time[:, :, 1], reference[:, :, 1], atol=1e-5, rtol=1e-5)  # means
+
+
+def test_acc_and_acc_norm_match_hf_reference(model, examples, reference):
+    assert hellaswag.evaluate(model, examples, "cpu", batch_size=16) == counts(reference, examples)
+
+
+def test_batched_scoring_equals_one_example_at_a_time(model, examples, one_at_a_time):
+    # 7 examples (28 rows of mixed lengths) per forward, and a ragged last batch
+    assert hellaswag.evaluate(model, examples, "cpu", batch_size=7) == counts(one_at_a_time, examples)
+
+
+def test_rank_shards_add_up_to_the_whole(model, examples):
+    examples = examples[:40]
+    shards = [hellaswag.evaluate(model, examples, "cpu", batch_size=1, rank=r, world_size=3) for r in range(3)]
+    assert [s[0] for s in shards] == [14, 13, 13]
+    assert tuple(map(sum, zip(*shards))) == hellaswag.evaluate(model, examples, "cpu", batch_size=8)
+
+
+def test_padded_vocab_entries_are_ignored(model, examples):
+    # our training config pads the vocab to 50304; the 47 extra logits must not enter the softmax
+    padded = GPT(dataclasses.replace(model.config, vocab_size=50304))
+    sd = model.state_dict()
+    extra = 10 * torch.randn(50304 - GPT2_VOCAB, model.config.n_embd)  # large, so leaking them would show
+    sd = {k: torch.cat([v, extra]) if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in sd.items()}
+    padded.load_state_dict(sd)
+    tokens, mask, _ = hellaswag.render_example(examples[0])
+    with torch.no_grad():
+        torch.testing.assert_close(hellaswag.ending_losses(padded, tokens, mask),
+                                   hellaswag.ending_losses(model, tokens, mask))
+    assert hellaswag.evaluate(padded, examples[:20], "cpu") == hellaswag.evaluate(model, examples[:20], "cpu")
+
+
+def test_evaluate_restores_training_mode(model, examples):
+    model.train()
+    hellaswag.evaluate(model, examples[:4], "cpu")
+    assert model.training
+    model.eval()
+    hellaswag.evaluate(model, examples[:4], torch.device("cpu"))  # train_gpt2.py passes a torch.device
+    assert not model.training
+
+
+def test_hf_folder_and_pt_checkpoint_score_the_same(hf_folder, model, examples, reference, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, ckpt)
+    results = []
+    for name in (hf_folder, ckpt):
+        out = run_cli("-m", str(name), "--data", str(FIXTURE), "-d", "cpu", "--batch_size", "8", "--limit", "30")
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))  # the JSON is the last stdout line
+    n, correct, correct_norm = counts(reference[:30], examples[:30])
+    assert results[0] == results[1] == {"examples": n, "acc": correct / n, "acc_norm": correct_norm / n}
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_load_examples_file_folder_and_limit(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / "hellaswag_val.jsonl")
+    from_file = hellaswag.load_examples(data=FIXTURE)
+    assert len(from_file) == 100 and from_file[0]["label"] == 3
+    assert hellaswag.load_examples("val", data=tmp_path) == from_file
+    assert hellaswag.load_examples(data=FIXTURE, limit=10) == from_file[:10]
+    with pytest.raises(UsageError, match="hellaswag_train.jsonl"):
+        hellaswag.load_examples("train", data=tmp_path)
+
+
+def test_download_checks_val_sha256_and_caches(tmp_path, monkeypatch):
+    # a file:// URL stands in for GitHub, so this runs offline
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(FIXTURE, source / "hellaswag_val.jsonl")
+    shutil.copy(FIXTURE, source / "hellaswag_train.jsonl")
+    monkeypatch.setattr(hellaswag, "DATA_URL", f"file://{source}/hellaswag_{{split}}.jsonl")
+    monkeypatch.setattr(hellaswag, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(UsageError, match="sha256"):  # the fixture is not the full val file
+        hellaswag.load_examples("val")
+    assert not (tmp_path / "cache" / "hellaswag_val.jsonl").exists()
+    assert len(hellaswag.load_examples("train")) == 100  # train's hash is not pinned
+    assert os.listdir(tmp_path / "cache") == ["hellaswag_train.jsonl"]  # no temp files left behind
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, starting "error:", and a non-zero exit
+
+
+def assert_one_line_error(out, *fragments):
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path):
+    not_gpt2 = tmp_path / "not_gpt2"
+    not_gpt2.mkdir()
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    for name, fragment in (("no-such-model", "unknown model"), (str(not_gpt2), "not a GPT-2"), (str(junk), "corrupt")):
+        assert_one_line_error(run_cli("-m", name, "--data", str(FIXTURE), "-d", "cpu"), fragment)
+
+
+def test_offline_without_data_says_which_data_to_pass(tmp_path):
+    # a copy of the scripts with an empty cache beside it, and a proxy that refuses every connection
+    for name in ("hellaswag.py", "train_gpt2.py", "gpt2.tiktoken"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
+    env["https_proxy"] = "http://127.0.0.1:9"
+    assert_one_line_error(run_cli("-d", "cpu", cwd=tmp_path, env=env), "--data", "hellaswag_val.jsonl")
+    assert_one_line_error(run_cli("--data", str(tmp_path / "missing.jsonl")), "missing.jsonl")
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("{not json", "not valid JSON"),
+    ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}', "label"),
+    ('{"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}', "4 strings"),
+])
+def test_bad_jsonl_line_is_a_one_line_error_naming_file_and_line(tmp_path, line, fragment):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(FIXTURE.read_text().splitlines(keepends=True)[:2]) + line + "\n")
+    assert_one_line_error(run_cli("--data", str(data), "-d", "cpu"), f"{data}:3:", fragment)
