@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model
+from train_gpt2 import GPT2_VOCAB, UsageError, best_device, get_tokenizer, load_model
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -201,11 +201,10 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
 
 
 def main():
-    default_device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default="gpt2",
                         help="gpt2 ... gpt2-xl, a folder saved by transformers, or a train_gpt2.py .pt checkpoint")
-    parser.add_argument("-d", "--device", default=default_device)
+    parser.add_argument("-d", "--device", default=best_device())
     parser.add_argument("--data", default=None,
                         help="a .jsonl file or a folder holding hellaswag_{split}.jsonl "
                              f"(default: download to {CACHE_DIR.name}/ next to this script)")

@@ -10,6 +10,7 @@ training loop, in the order the data flows. Importing this file runs nothing; `m
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import glob
 import json
@@ -409,6 +410,14 @@ def find_data(path):
             raise UsageError(f"{path} holds only {len(tokens)} tokens; give it more text")
         split = int(0.9 * len(tokens))  # the last 10% is held out for validation
         return [tokens[:split]], [tokens[split:]]
+    for meta_file in glob.glob(os.path.join(path, "*_meta.json")):  # written by fineweb.py
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if meta.get("tokenizer") != "gpt2":
+            raise UsageError(f"{meta_file} says the shards hold {meta.get('tokenizer')} tokens, not GPT-2's")
+        if not meta.get("complete") and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {meta_file} says fineweb.py has not finished; training on the "
+                  f"{len(meta.get('shards', []))} shards written so far")
     train = sorted(glob.glob(os.path.join(path, "*_train_*.npy")))
     val = sorted(glob.glob(os.path.join(path, "*_val_*.npy")))
     if not train or not val:
@@ -511,11 +520,15 @@ class SampleConfig:
 PRESETS = {
     # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
     "shakespeare": dict(data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt"),
-                        log_dir="log_shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128,
+                        log_dir="log_shakespeare", n_layer=6, n_head=4, n_embd=128, block_size=128,
                         batch_size=16, seq_len=128, total_batch_size=4096, max_lr=2e-3, warmup_steps=20,
-                        max_steps=150, eval_interval=25, val_tokens=16384, sample_interval=50,
+                        max_steps=250, eval_interval=25, val_tokens=16384, sample_interval=50,
                         checkpoint_interval=50, hellaswag=False, prompt="\n", max_new_tokens=48),
 }
+
+
+def best_device():
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def setup_distributed(device_arg):
@@ -523,7 +536,11 @@ def setup_distributed(device_arg):
     ddp = "RANK" in os.environ  # set by torchrun
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device_arg = best_device()
+    try:
+        torch.device(device_arg)
+    except RuntimeError:
+        raise UsageError(f"--device {device_arg} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device_arg} asked for, but this torch sees no CUDA GPU; use --device cpu")
     device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" and ddp else device_arg)
@@ -532,6 +549,18 @@ def setup_distributed(device_arg):
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return ddp, rank, world, device
+
+
+def keep_freed_memory():
+    # glibc returns each freed buffer over 32 MB to the OS, and taking it back costs a page fault per
+    # 4 KB; a CPU micro-batch's logits (B*T*vocab floats) are hundreds of MB. Serving them from the heap
+    # and never trimming it made CPU training steps ~1.6x faster here.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, Windows, musl): nothing to tune
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations up to 1 GiB come from the heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
 
 
 def all_reduce(t, ddp):
@@ -620,6 +649,12 @@ def train(cfg, model_cfg, sample_cfg):
 
 
 def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval", "val_tokens",
+                 "sample_interval", "checkpoint_interval"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
@@ -633,6 +668,8 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
     accum = cfg.total_batch_size // (B * T * world)
 
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
 
@@ -652,6 +689,11 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
         if ckpt.get("config") != asdict(model_cfg):
             raise UsageError(f"{ckpt_path} is a model of shape {ckpt.get('config')}, not {asdict(model_cfg)}; "
                              "pass the flags of that run or another --log_dir")
+        # the data order depends on these (not on batch_size or the number of GPUs, which may change)
+        changed = [k for k in ("seed", "shuffle", "seq_len", "total_batch_size", "data") if ckpt["args"][k] != getattr(cfg, k)]
+        if changed:
+            raise UsageError(f"{ckpt_path} was trained with " + ", ".join(f"--{k} {ckpt['args'][k]}" for k in changed)
+                             + "; resume with the same values (or start a new --log_dir)")
         raw_model = GPT(model_cfg)
         raw_model.load_state_dict(ckpt["model"])
     elif cfg.init_from:

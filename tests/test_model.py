@@ -1,4 +1,5 @@
 import math
+import os
 import subprocess
 import sys
 
@@ -168,3 +169,14 @@ def test_checkpoint_sample_and_export_from_the_command_line(tmp_path):
     r = run("--init_from", "gpt3", "--sample")
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "unknown model 'gpt3'" in r.stderr
+
+
+def test_offline_hub_name_is_a_clear_error_without_retries():
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
+        pytest.skip("gpt2 is in this machine's HF cache, so it loads offline")
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--init_from", "gpt2", "--sample"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: could not load 'gpt2'")
+    assert "Retrying" not in r.stderr + r.stdout

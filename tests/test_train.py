@@ -285,6 +285,9 @@ def test_bad_shapes_are_clear_errors(tmp_path):
     msg = expect_error(base + ["--total_batch_size", "300"], "not divisible")
     assert "--total_batch_size 256" in msg
     expect_error(base + ["--device", "cuda"], "no CUDA")
+    expect_error(base + ["--device", "gpu"], "not a device")
+    expect_error(base + ["--dtype", "float16"], "use auto, float32 or bfloat16")
+    expect_error(base + ["--eval_interval", "0"], "--eval_interval must be >= 1")
 
 
 def test_bad_resume_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
@@ -296,6 +299,7 @@ def test_bad_resume_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     saved = ckpt.read_bytes()
     expect_error(base + ["--max_steps", "4"], "already holds a run")
     expect_error(base + ["--resume", "--max_steps", "4", "--n_layer", "3"], "pass the flags of that run")
+    expect_error(base + ["--resume", "--max_steps", "4", "--seed", "1"], "trained with --seed 1337")
     assert ckpt.read_bytes() == saved
     (log / "model_000003.pt").write_bytes(saved[:1000])  # a truncated newest checkpoint
     expect_error(base + ["--resume", "--max_steps", "4"], "corrupt")
