@@ -4,8 +4,11 @@ training loop, in the order the data flows. Importing this file runs nothing; `m
 
     python train_gpt2.py --preset shakespeare                  # small GPT on a laptop CPU
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # GPT-2 124M on FineWeb-Edu 10B
-    python train_gpt2.py --init_from gpt2 --sample "Hello, I'm a language model,"
-    python train_gpt2.py --init_from log/model_19073.pt --export gpt2_hf
+    python train_gpt2.py --init_from gpt2 --sample --prompt "Hello, I'm a language model,"
+    python train_gpt2.py --init_from log/model_019073.pt --export gpt2_hf
+
+Every flag is a field of GPTConfig, TrainConfig or SampleConfig below, where the defaults and their
+reasons are; a --preset sets several at once and explicit flags override it.
 """
 
 import argparse
@@ -241,7 +244,7 @@ def export_hf(model, folder):
 # sampling
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
     """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 is greedy decoding."""
     if top_k is not None and top_k <= 0:

@@ -10,6 +10,7 @@ The data is a 10M-token shard made by fineweb.py from the Gutenberg stand-in (or
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def main():
             tok = sum(float(t.replace(",", "")) for _, t, _ in rows) / len(rows)
             mfu = f"{sum(float(u) for _, _, u in rows) / len(rows):5.1f}%" if rows[0][2] else "   n/a"
             print(f"{B:>4} {comp:>7} {ms:9.0f} {tok:11,.0f} {mfu}", flush=True)
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
