@@ -167,7 +167,10 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
         raise UsageError(f"batch_size must be >= 1 (got {batch_size})")
     was_training = model.training
     model.eval()
-    rendered = [render_example(ex) for ex in examples[rank::world_size]]
+    # a model with a shorter context than an example (a small test model: GPT-2's 1024 fits them all)
+    # reads its last block_size tokens: the endings and as much of the context as fits
+    bs = model.config.block_size
+    rendered = [(t[:, -bs:], m[:, -bs:], label) for t, m, label in map(render_example, examples[rank::world_size])]
     # longest first, so each batch holds similar lengths and little compute goes to padding; the
     # first batch is the largest, so an out-of-memory batch_size fails at once, not at the end
     order = sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1), reverse=True)

@@ -234,3 +234,23 @@ def test_bad_jsonl_line_is_a_one_line_error_naming_file_and_line(tmp_path, line,
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(FIXTURE.read_text().splitlines(keepends=True)[:2]) + line + "\n")
     assert_one_line_error(run_cli("--data", str(data), "-d", "cpu"), f"{data}:3:", fragment)
+
+
+def test_short_context_model_reads_the_last_block_size_tokens(model, examples):
+    # the same weights with a 48-token context: examples that fit score exactly as before, longer ones
+    # are cropped from the left (their context) instead of failing
+    short = GPT(dataclasses.replace(model.config, block_size=48))
+    sd = model.state_dict()
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:48]
+    short.load_state_dict(sd)
+    fits = [ex for ex in examples if hellaswag.render_example(ex)[0].size(1) <= 48]
+    assert 0 < len(fits) < len(examples)
+    assert hellaswag.evaluate(short, fits, "cpu") == hellaswag.evaluate(model, fits, "cpu")
+    cropped = [ex for ex in examples if hellaswag.render_example(ex)[0].size(1) > 48][:5]
+    expected = 0
+    for ex in cropped:
+        tokens, mask, label = hellaswag.render_example(ex)
+        _, mean_loss = hellaswag.ending_losses(short, tokens[:, -48:], mask[:, -48:])
+        expected += int(mean_loss.argmin().item() == label)
+    n, _, n_norm = hellaswag.evaluate(short, cropped, "cpu", batch_size=2)
+    assert (n, n_norm) == (5, expected)

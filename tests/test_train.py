@@ -324,3 +324,10 @@ def test_no_shards_and_no_gpu_says_what_to_run(tmp_path):
     r = run_script([], cwd=tmp_path, timeout=120)
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "python fineweb.py" in r.stderr
+
+
+def test_hellaswag_is_skipped_with_a_note_when_unavailable(tmp_path, capsys):
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "1", "--hellaswag"]
+    main(base + ["--hellaswag_data", str(tmp_path / "nowhere.jsonl"), "--log_dir", str(tmp_path / "log")])
+    assert "HellaSwag skipped: no HellaSwag data" in capsys.readouterr().out
+    assert not read_log(tmp_path / "log" / "log.txt", "hella") and read_log(tmp_path / "log" / "log.txt", "train")
