@@ -35,7 +35,7 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import EOT, UsageError, get_tokenizer
+from train_gpt2 import EOT, UsageError, get_tokenizer, hub_reachable
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"
@@ -122,6 +122,8 @@ def local_documents(paths, text_field, skip=0):
 
 
 def hf_documents(dataset, name, split, text_field, streaming, skip=0):
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read before datasets is imported: use the cache, no hub retries
     import datasets
     try:
         ds = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming)

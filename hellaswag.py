@@ -5,7 +5,7 @@ HellaSwag (Zellers et al. 2019) in completion style: the model reads a context a
 The same evaluate() runs inside train_gpt2.py every eval interval. Importing this file runs nothing.
 
     python hellaswag.py -m gpt2                                   # the baseline to beat
-    python hellaswag.py -m log/model_19073.pt --data ../shared/data/hellaswag
+    python hellaswag.py -m log/model_019073.pt --data path/to/hellaswag_val.jsonl
     python hellaswag.py -m gpt2 --limit 200 -d cpu                # a quick look
 
 The last stdout line is JSON, {"examples": N, "acc": a, "acc_norm": b}, for scripts to read.
@@ -58,8 +58,8 @@ def download(split):
                              f"pass --data with a verified copy of hellaswag_{split}.jsonl")
         os.replace(tmp, path)
     except OSError as e:
-        raise UsageError(f"could not download {url} ({e}); offline? pass --data ../shared/data/hellaswag "
-                         f"or a path to hellaswag_{split}.jsonl") from None
+        raise UsageError(f"could not download {url} ({e}); offline? pass --data with a local "
+                         f"copy of hellaswag_{split}.jsonl or the folder holding it") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
