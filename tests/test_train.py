@@ -204,7 +204,9 @@ def free_port():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_and_two_nodes_match_one_process(tmp_path):
-    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--eval_interval", "5"]
+    fixture = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--eval_interval", "5",
+                   "--hellaswag", "--hellaswag_data", str(fixture)]  # HellaSwag split over ranks, then summed
     r = run_script(args + ["--log_dir", "single"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
@@ -228,6 +230,8 @@ def test_torchrun_two_processes_and_two_nodes_match_one_process(tmp_path):
         assert max(abs(got[s] - single[s]) for s in single) <= 1e-5
         val = read_log(tmp_path / other / "log.txt", "val")
         assert max(abs(v - read_log(tmp_path / "single" / "log.txt", "val")[s]) for s, v in val.items()) <= 1e-5
+        assert read_log(tmp_path / other / "log.txt", "hella") == read_log(tmp_path / "single" / "log.txt", "hella")
+    assert set(read_log(tmp_path / "single" / "log.txt", "hella")) == {0, 5, 9}
     assert "accum=1" in r.stdout and "2 process(es)" in r.stdout
 
 
