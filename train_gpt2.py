@@ -268,9 +268,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
-            probs = F.softmax(logits / temperature, dim=-1)
-            topk_probs, topk_ids = torch.topk(probs, min(top_k or GPT2_VOCAB, GPT2_VOCAB), dim=-1)
-            choice = torch.multinomial(topk_probs, 1, generator=generator)
+            # top-k of the logits, then a softmax over those k only: the same distribution as a softmax
+            # over the whole vocab cut to its top k, without the 50257-wide softmax
+            topk_logits, topk_ids = torch.topk(logits, min(top_k or GPT2_VOCAB, GPT2_VOCAB), dim=-1)
+            choice = torch.multinomial(F.softmax(topk_logits / temperature, dim=-1), 1, generator=generator)
             next_id = torch.gather(topk_ids, -1, choice)
         idx = torch.cat([idx, next_id], dim=1)
     model.train(was_training)
