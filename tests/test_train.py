@@ -335,3 +335,16 @@ def test_hellaswag_is_skipped_with_a_note_when_unavailable(tmp_path, capsys):
     main(base + ["--hellaswag_data", str(tmp_path / "nowhere.jsonl"), "--log_dir", str(tmp_path / "log")])
     assert "HellaSwag skipped: no HellaSwag data" in capsys.readouterr().out
     assert not read_log(tmp_path / "log" / "log.txt", "hella") and read_log(tmp_path / "log" / "log.txt", "train")
+
+
+def test_trains_on_fineweb_shards(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--input", str(ROOT / "input.txt"),
+                        "--output_dir", str(tmp_path / "shards"), "--shard_size", "100000", "--num_proc", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    main(TINY + ["--data", str(tmp_path / "shards"), "--max_steps", "3", "--log_dir", str(tmp_path / "log")])
+    train = read_log(tmp_path / "log" / "log.txt", "train")
+    assert len(train) == 3 and all(math.isfinite(v) for v in train.values())
+    # 338,025 tokens + 1 EOT: shard 0 (val) and train shards 1-3
+    loader = DataLoader(sorted(str(p) for p in (tmp_path / "shards").glob("*_train_*.npy")), 32, 50304)
+    assert loader.seqs_per_epoch == sum((n - 1) // 32 for n in (100000, 100000, 38026))
