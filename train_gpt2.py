@@ -319,7 +319,8 @@ def load_model(name_or_path, device="cpu"):
 # data
 
 
-def load_tokens(path, vocab_size):
+def open_shard(path):
+    """The shard memory-mapped: only its header is read, so every shard can be checked up front."""
     try:
         tokens = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
@@ -327,7 +328,11 @@ def load_tokens(path, vocab_size):
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UsageError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16 token ids; "
                          "regenerate it with fineweb.py")
-    tokens = np.asarray(tokens)
+    return tokens
+
+
+def load_tokens(path, vocab_size):
+    tokens = np.asarray(open_shard(path))
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise UsageError(f"shard {path} holds token id {int(tokens.max())} >= vocab_size {vocab_size}; "
                          "is it a GPT-2 token shard?")
@@ -349,20 +354,13 @@ class DataLoader:
         # shards: .npy paths, or in-memory uint16 arrays (a tokenized .txt file)
         self.shards, self.T, self.vocab_size = shards, T, vocab_size
         self.seed, self.shuffle = seed, shuffle
-        lengths = [len(s) if isinstance(s, np.ndarray) else self._shard_length(s) for s in shards]
+        lengths = [len(s) if isinstance(s, np.ndarray) else len(open_shard(s)) for s in shards]
         self.seqs_per_shard = np.array([max(n - 1, 0) // T for n in lengths])
         self.seqs_per_epoch = int(self.seqs_per_shard.sum())
         if self.seqs_per_epoch == 0:
             raise UsageError(f"{sum(lengths)} tokens are too few for one sequence of seq_len {T}; "
                              "use more data or a smaller --seq_len")
         self._cache = {}  # (epoch, shard) -> tokens in this epoch's document order; holds at most two
-
-    @staticmethod
-    def _shard_length(path):
-        try:
-            return len(np.load(path, mmap_mode="r"))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read shard {path} ({e}); regenerate it with fineweb.py") from None
 
     def _shard_order(self, epoch):
         if not self.shuffle:
