@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT2_VOCAB, UsageError, best_device, get_tokenizer, load_model
+from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model, resolve_device
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -207,7 +207,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default="gpt2",
                         help="gpt2 ... gpt2-xl, a folder saved by transformers, or a train_gpt2.py .pt checkpoint")
-    parser.add_argument("-d", "--device", default=best_device())
+    parser.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--data", default=None,
                         help="a .jsonl file or a folder holding hellaswag_{split}.jsonl "
                              f"(default: download to {CACHE_DIR.name}/ next to this script)")
@@ -217,16 +217,17 @@ def main():
     args = parser.parse_args()
     try:
         examples = load_examples(args.split, args.data, args.limit)  # before the model: bad data fails fast
-        model = load_model(args.model, args.device)
+        device = resolve_device(args.device)
+        model = load_model(args.model, device)
         # bf16 autocast where it pays off; the losses are float32 either way
-        autocast_dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else None
+        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
         t0 = time.time()
-        n, correct, correct_norm = evaluate(model, examples, args.device, args.batch_size,
+        n, correct, correct_norm = evaluate(model, examples, device, args.batch_size,
                                             autocast_dtype=autocast_dtype, progress=True)
         dt = time.time() - t0
     except UsageError as e:
         sys.exit(f"error: {e}")
-    print(f"{args.model} on HellaSwag {args.split}: {n} examples in {dt:.1f}s ({n / dt:.1f}/s on {args.device})")
+    print(f"{args.model} on HellaSwag {args.split}: {n} examples in {dt:.1f}s ({n / dt:.1f}/s on {device})")
     print(f"acc {correct / n:.4f}  acc_norm {correct_norm / n:.4f}")
     print(json.dumps({"examples": n, "acc": correct / n, "acc_norm": correct_norm / n}))
 

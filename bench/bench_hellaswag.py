@@ -17,13 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hellaswag import evaluate, load_examples  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UsageError, load_model  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UsageError, load_model, resolve_device  # noqa: E402
 
 
 def timed(model, examples, device, batch_size, autocast_dtype):
     t0 = time.time()
     counts = evaluate(model, examples, device, batch_size, autocast_dtype=autocast_dtype)
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return counts, time.time() - t0
 
@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--n_head", type=int, default=12)
     parser.add_argument("--n_embd", type=int, default=768)
-    parser.add_argument("-d", "--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-d", "--device", default="auto")
     parser.add_argument("--data", default=None, help="as in hellaswag.py")
     parser.add_argument("--limit", type=int, default=200, help="examples scored batched; 0 for the whole split")
     parser.add_argument("--single_limit", type=int, default=200,
@@ -43,30 +43,31 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
     try:
+        device = resolve_device(args.device)
         examples = load_examples("val", args.data, args.limit)
         if args.model:
-            model, name = load_model(args.model, args.device), args.model
+            model, name = load_model(args.model, device), args.model
         else:
             torch.manual_seed(0)
             config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-            model = GPT(config).to(args.device)
+            model = GPT(config).to(device)
             name = f"random GPT {config.n_layer}L/{config.n_head}H/{config.n_embd}d ({model.num_params() / 1e6:.0f}M)"
     except UsageError as e:
         sys.exit(f"error: {e}")
-    autocast_dtype = torch.bfloat16 if args.device.startswith("cuda") else None
-    print(f"{name} on {args.device} ({torch.get_num_threads()} CPU threads), autocast {autocast_dtype}")
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    print(f"{name} on {device} ({torch.get_num_threads()} CPU threads), autocast {autocast_dtype}")
 
     # warm up both shapes of work (allocator, kernels, cuBLAS), so neither run pays for it alone
-    evaluate(model, examples[:2 * args.batch_size], args.device, args.batch_size, autocast_dtype=autocast_dtype)
-    evaluate(model, examples[:4], args.device, 1, autocast_dtype=autocast_dtype)
+    evaluate(model, examples[:2 * args.batch_size], device, args.batch_size, autocast_dtype=autocast_dtype)
+    evaluate(model, examples[:4], device, 1, autocast_dtype=autocast_dtype)
 
-    batched, dt = timed(model, examples, args.device, args.batch_size, autocast_dtype)
+    batched, dt = timed(model, examples, device, args.batch_size, autocast_dtype)
     rate = len(examples) / dt
     print(f"batched ({args.batch_size}/forward): {len(examples)} examples in {dt:.1f}s = {rate:.1f} examples/s, "
           f"acc_norm {batched[2] / batched[0]:.4f}")
     if args.single_limit:
         subset = examples[:args.single_limit]
-        single, dt1 = timed(model, subset, args.device, 1, autocast_dtype)
+        single, dt1 = timed(model, subset, device, 1, autocast_dtype)
         rate1 = len(subset) / dt1
         print(f"one per forward:   {len(subset)} examples in {dt1:.1f}s = {rate1:.1f} examples/s, "
               f"acc_norm {single[2] / single[0]:.4f}")

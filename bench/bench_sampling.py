@@ -11,15 +11,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from train_gpt2 import EOT, GPT, GPTConfig, generate  # noqa: E402
+from train_gpt2 import EOT, GPT, GPTConfig, generate, resolve_device  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    args.device = resolve_device(args.device)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(args.device).eval()
     idx = torch.tensor([[EOT]], device=args.device)

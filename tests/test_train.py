@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from train_gpt2 import (EOT, GPT, DataLoader, GPTConfig, accumulate_gradients, configure_optimizer, get_lr, main)
+from train_gpt2 import (EOT, GPT, DataLoader, GPTConfig, accumulate_gradients, configure_optimizer, find_data, get_lr,
+                        main, parse_args)
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--seq_len", "32", "--total_batch_size", "256", "--val_tokens", "512", "--no-hellaswag",
@@ -96,10 +97,9 @@ def test_grad_accumulation_equals_one_big_batch():
 def epoch_tokens(loader, world, B, accum, steps):
     seen = Counter()
     for step in range(steps):
-        for micro in range(accum):
-            for rank in range(world):
-                x, y = loader.train_batch(step, micro, accum, rank, world, B)
-                seen.update(x.flatten().tolist())
+        for rank in range(world):
+            x, y = loader.step_batches(step, accum, rank, world, B)
+            seen.update(x.flatten().tolist())
     return seen
 
 
@@ -150,10 +150,23 @@ def test_global_batch_is_the_same_for_any_world_size(tmp_path):
     shards = sorted(str(p) for p in tmp_path.glob("*_train_*.npy"))
     loader = DataLoader(shards, 16, 50304, seed=3)
     for step in range(3):
-        one = torch.cat([loader.train_batch(step, m, 4, 0, 1, 2)[0] for m in range(4)])
-        four = torch.cat([loader.train_batch(step, 0, 1, r, 4, 2)[0] for r in range(4)])
-        two = torch.cat([loader.train_batch(step, m, 2, r, 2, 2)[0] for m in range(2) for r in range(2)])
+        one = loader.step_batches(step, 4, 0, 1, 2)[0].flatten(0, 1)  # 4 micro-steps of 2 on one rank
+        four = torch.cat([loader.step_batches(step, 1, r, 4, 2)[0][0] for r in range(4)])
+        two = torch.cat([loader.step_batches(step, 2, r, 2, 2)[0][m] for m in range(2) for r in range(2)])
         assert torch.equal(one, four) and torch.equal(one, two)
+
+
+def test_step_batches_are_the_loaders_sequences(tmp_path):
+    # the prefetched (accum, B, T) tensors against the loader's own sequence(q), q = ((step*accum+m)*W+r)*B+b
+    make_shards(tmp_path, [5, 60, 60])
+    loader = DataLoader(sorted(str(p) for p in tmp_path.glob("*_train_*.npy")), 16, 50304, seed=3)
+    step, accum, rank, world, B = 5, 3, 1, 2, 4
+    x, y = loader.step_batches(step, accum, rank, world, B)
+    assert x.shape == y.shape == (accum, B, 16) and x.dtype == y.dtype == torch.long
+    for m in range(accum):
+        for b in range(B):
+            seq = torch.from_numpy(loader.sequence(((step * accum + m) * world + rank) * B + b).astype(np.int64))
+            assert torch.equal(x[m, b], seq[:-1]) and torch.equal(y[m, b], seq[1:])
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +207,33 @@ def test_resume_is_exact(tmp_path):
     assert (cut / "log.txt").read_text().startswith("\n".join(before))  # appended, not wiped
     a, b = torch.load(full / "model_000008.pt"), torch.load(cut / "model_000008.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_training_loop_equals_a_plain_synchronous_loop(tmp_path):
+    # the real loop (batches prefetched in a thread, one host sync per step) against the textbook one:
+    # cut each micro-batch when it is needed, forward, backward, clip, set the lr, step
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "5", "--log_dir", str(tmp_path / "run")]
+    main(args)
+    logged = read_log(tmp_path / "run" / "log.txt", "train")
+    model_cfg, cfg, _ = parse_args(args)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg)
+    loader = DataLoader(find_data(cfg.data)[0], cfg.seq_len, model_cfg.vocab_size, cfg.seed, cfg.shuffle)
+    optimizer = configure_optimizer(model, cfg.weight_decay, cfg.max_lr, "cpu")
+    B, accum = cfg.batch_size, cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
+    for step in range(cfg.max_steps):
+        optimizer.zero_grad()
+        mean_loss = 0.0
+        for micro in range(accum):
+            x, y = loader.batch(range((step * accum + micro) * B, (step * accum + micro + 1) * B))
+            loss = model(x, y)[1] / accum
+            loss.backward()
+            mean_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, cfg.max_lr, 0.1 * cfg.max_lr, cfg.warmup_steps, cfg.max_steps)
+        optimizer.step()
+        assert logged[step] == pytest.approx(mean_loss, abs=2e-6), step
 
 
 def free_port():

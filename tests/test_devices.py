@@ -1,0 +1,90 @@
+"""
+The GPU paths, checked on a machine without a GPU: CUDA is faked where the code only asks torch about it, and
+bench/gpu_check.py, which a GPU session runs for real, runs here on the CPU with a tiny model so it cannot rot.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import GPT2LMHeadModel
+
+import hellaswag
+import train_gpt2
+from conftest import ROOT
+from train_gpt2 import GPT, GPTConfig, UsageError, main, resolve_device, setup_distributed
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """
+    A machine with 2 GPUs, as far as device selection can tell. torch.cuda.set_device keeps its real argument
+    check, which rejects a device without an index (what crashed `python train_gpt2.py` on one H200), and
+    records the index it was given instead of calling the driver.
+    """
+    given = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: given.append(torch.cuda._utils._get_device_index(d)))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    return given
+
+
+def test_cuda_means_an_indexed_gpu_with_and_without_torchrun(fake_cuda, monkeypatch):
+    for arg in ("auto", "cuda", "cuda:0"):
+        assert setup_distributed(arg) == (False, 0, 1, torch.device("cuda", 0))
+    assert setup_distributed("cuda:1")[3] == torch.device("cuda", 1)
+    # under torchrun each process takes GPU LOCAL_RANK and the process group talks NCCL
+    backends = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
+    assert setup_distributed("cuda") == (True, 3, 4, torch.device("cuda", 1))
+    assert setup_distributed("auto") == (True, 3, 4, torch.device("cuda", 1))
+    assert backends == ["nccl", "nccl"]
+    assert fake_cuda == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(UsageError, match="has 2 GPU"):
+        resolve_device("cuda:2")
+
+
+def test_sample_export_and_hellaswag_get_an_indexed_gpu(fake_cuda, monkeypatch, tmp_path):
+    # the entry points of --sample, --export and hellaswag.py -d cuda, up to the moment they load the model
+    seen = []
+
+    def load_model(source, device):
+        seen.append(device)
+        raise UsageError("stop: the device is all this test needs")
+
+    monkeypatch.setattr(train_gpt2, "load_model", load_model)
+    monkeypatch.setattr(hellaswag, "load_model", load_model)
+    for flags in (["--sample"], ["--export", str(tmp_path / "hf")], ["--sample", "--device", "cuda"]):
+        with pytest.raises(SystemExit, match="stop"):
+            main(["--init_from", "model.pt", *flags])
+    monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", "model.pt", "-d", "cuda",
+                                      "--data", str(ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl")])
+    with pytest.raises(SystemExit, match="stop"):
+        hellaswag.main()
+    assert seen == [torch.device("cuda", 0)] * 4
+
+
+def test_no_gpu_is_a_one_line_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UsageError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(UsageError, match="not a device"):
+        resolve_device("gpu0")
+
+
+def test_export_writes_float32_weights_even_when_sampling_in_bf16(tmp_path):
+    # on a GPU --dtype auto samples in bf16; the exported folder must still hold the trained float32 weights
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "config": vars(model.config)}, ckpt)
+    main(["--init_from", str(ckpt), "--export", str(tmp_path / "hf"), "--dtype", "bfloat16", "--device", "cpu"])
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    ours = model.transformer.h[1].mlp.c_fc.weight
+    assert torch.equal(hf.transformer.h[1].mlp.c_fc.weight.t(), ours)
+    assert torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight[:50257])
