@@ -615,11 +615,16 @@ def evaluate_val(model, loader, cfg, rank, world, device, autocast, ddp):
     mine = list(range(rank, n_seqs, world))
     total = torch.zeros(2, device=device)  # sum of per-token losses, number of tokens
     for i in range(0, len(mine), cfg.batch_size):
-        x, y = (t.to(device) for t in loader.batch(mine[i:i + cfg.batch_size]))
+        x, y = loader.batch(mine[i:i + cfg.batch_size])
+        n_tokens = y.numel()
+        # a short last batch is padded to the compiled shape (a new shape would compile again); its -1
+        # targets are ignored by the loss
+        pad = (0, 0, 0, cfg.batch_size - len(x))
+        x, y = F.pad(x, pad).to(device), F.pad(y, pad, value=-1).to(device)
         with autocast:
             _, loss = model(x, y)
-        total[0] += loss.detach() * y.numel()
-        total[1] += y.numel()
+        total[0] += loss.detach() * n_tokens
+        total[1] += n_tokens
     total = all_reduce(total, ddp)
     return (total[0] / total[1]).item()
 
@@ -743,7 +748,7 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
                 print(f"HellaSwag skipped: {e}", flush=True)
 
     # eval runs the compiled model too; HellaSwag (ragged shapes) and sampling (KV cache) run the raw one
-    compiled = torch.compile(raw_model) if use_compile else raw_model
+    compiled = torch.compile(raw_model, fullgraph=True) if use_compile else raw_model  # a graph break is an error
     # DDP only where there is another rank to average with: on one GPU under torchrun it would copy every
     # gradient into its buckets for nothing
     wrap = ddp and world > 1

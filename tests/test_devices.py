@@ -84,7 +84,20 @@ def test_export_writes_float32_weights_even_when_sampling_in_bf16(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "config": vars(model.config)}, ckpt)
     main(["--init_from", str(ckpt), "--export", str(tmp_path / "hf"), "--dtype", "bfloat16", "--device", "cpu"])
-    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ours = model.transformer.h[1].mlp.c_fc.weight
     assert torch.equal(hf.transformer.h[1].mlp.c_fc.weight.t(), ours)
     assert torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight[:50257])
+
+
+@pytest.mark.slow
+def test_gpu_check_passes_on_cpu_with_a_tiny_model():
+    # bench/gpu_check.py is what a GPU session runs first; here it runs every check on the CPU so that it
+    # cannot rot between GPU sessions
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny"],
+                       capture_output=True, text=True, timeout=600)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lines[-1] == "6 passed, 0 failed", r.stdout
+    assert [line.split()[1] for line in lines if line.startswith("PASS")] == \
+        ["train", "resume", "torchrun", "sample", "export", "hellaswag"]

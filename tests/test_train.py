@@ -1,3 +1,4 @@
+import contextlib
 import math
 import os
 import shutil
@@ -388,3 +389,19 @@ def test_trains_on_fineweb_shards(tmp_path):
     # 338,025 tokens + 1 EOT: shard 0 (val) and train shards 1-3
     loader = DataLoader(sorted(str(p) for p in (tmp_path / "shards").glob("*_train_*.npy")), 32, 50304)
     assert loader.seqs_per_epoch == sum((n - 1) // 32 for n in (100000, 100000, 38026))
+
+
+def test_val_loss_with_a_short_last_batch_is_the_mean_over_every_token(tmp_path):
+    # 7 val sequences in batches of 3: the last batch is padded to 3 rows with ignored targets, so the compiled
+    # shape never changes; the loss must still be the plain mean over the 7 sequences' tokens
+    from types import SimpleNamespace
+    from train_gpt2 import evaluate_val
+    make_shards(tmp_path, [40])
+    loader = DataLoader([str(tmp_path / "test_val_000000.npy")], 16, 50304, shuffle=False)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    cfg = SimpleNamespace(val_tokens=7 * 16, seq_len=16, batch_size=3)
+    got = evaluate_val(model, loader, cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext(), ddp=False)
+    x, y = loader.batch(range(7))
+    with torch.no_grad():
+        assert got == pytest.approx(model(x, y)[1].item(), abs=1e-6)

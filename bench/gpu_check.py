@@ -1,0 +1,213 @@
+"""
+Every user-facing GPU path, end to end, offline, from the project's own files (input.txt made into shards by
+fineweb.py, the HellaSwag fixture in tests/fixtures). Run it first whenever a GPU is at hand:
+
+    python bench/gpu_check.py                        # one GPU: GPT-2 124M, B=64, T=1024, compile, bf16
+    python bench/gpu_check.py --device cpu --tiny    # the same checks, tiny model, on a CPU (the tests run this)
+
+The checks, each one PASS or FAIL line with its figures:
+  train     python train_gpt2.py, no torchrun: 8 steps of 524,288 tokens (--tiny: 512) with val, HellaSwag,
+            samples and checkpoints at steps 4 and 8
+  resume    --resume from the step-4 checkpoint: steps 4-7 repeat the uninterrupted run's losses
+  torchrun  torchrun --standalone --nproc_per_node=1 (NCCL on a GPU): the same losses as without torchrun
+  sample    --sample from the step-8 checkpoint
+  export    --export to a transformers folder: GPT2LMHeadModel's logits equal ours (float32 both sides)
+  hellaswag hellaswag.py -d DEVICE on the step-8 checkpoint
+then the figures of the steady steps (ms/step, tok/s, MFU), the wall time to the end of step 0, and peak GPU
+memory. The last line is `N passed, M failed`; the exit code is 1 if any check failed.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train_gpt2 import GPT2_VOCAB, load_model, resolve_device  # noqa: E402
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_100.jsonl")
+STEPS = 8
+SIZES = {
+    # GPT-2 124M with the recipe's batch: 8 micro-steps of 64 x 1024 on one GPU
+    "gpt2": ["--batch_size", "64", "--seq_len", "1024", "--total_batch_size", "524288", "--val_tokens", "131072"],
+    # seconds on a CPU; the val set (10 sequences) ends in a short batch, as 124M's does (97 sequences)
+    "tiny": ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--batch_size", "4",
+             "--seq_len", "64", "--total_batch_size", "512", "--val_tokens", "640"],
+}
+STEP_LINE = re.compile(r"step +(\d+) \| loss ([\d.]+) .*\| (\d+) ms \| ([\d,]+) tok/s(?: \| MFU ([\d.]+)%)?")
+
+
+def run(cmd, timeout=600):
+    """Run cmd; returns (exit code, [(seconds since start, line)]) with stdout and stderr merged."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = [(time.monotonic() - t0, line.rstrip("\n")) for line in proc.stdout]
+    watchdog.cancel()
+    return proc.wait(), lines
+
+
+def read_log(path, stream):
+    rows = [line.split() for line in open(path)] if os.path.exists(path) else []
+    return {int(step): float(value) for step, s, value in rows if s == stream}
+
+
+def max_diff(a, b):
+    """Largest |a - b| over the steps both logged; inf if they logged different steps."""
+    return max(abs(a[k] - b[k]) for k in a) if a and a.keys() == b.keys() else float("inf")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model with 512-token steps instead of 124M")
+    parser.add_argument("--keep", default=None, help="keep the runs' folders here instead of a temp folder")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    # how far two runs of the same steps may differ: on a GPU in the last digits of bf16 work (flash
+    # attention's backward adds in a varying order); on a CPU by a rounding of the logged 6 decimals
+    tol = 1e-3 if device.type == "cuda" else 1e-5
+    work = args.keep or tempfile.mkdtemp(prefix="gpu_check_")
+    os.makedirs(work, exist_ok=True)
+    py = sys.executable
+    results = []
+
+    def report(name, ok, detail):
+        results.append(ok)
+        print(f"{'PASS' if ok else 'FAIL'} {name:9s} {detail}", flush=True)
+
+    def failed(name, rc, lines):
+        tail = " / ".join(line for _, line in lines[-3:])
+        report(name, False, f"exit code {rc}: {tail}")
+
+    print(f"gpu_check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} ({device}), "
+          f"torch {torch.__version__}, {'tiny' if args.tiny else 'GPT-2 124M'}, work folder {work}", flush=True)
+    shards = os.path.join(work, "shards")
+    rc, lines = run([py, "fineweb.py", "--input", "input.txt", "--output_dir", shards, "--prefix", "shakespeare",
+                     "--shard_size", "100000"])
+    if rc:
+        failed("data", rc, lines)
+        print(f"0 passed, {len(results)} failed")
+        sys.exit(1)
+    train_args = ["train_gpt2.py", "--data", shards, "--device", str(device), "--compile", "--dtype", "auto",
+                  "--max_steps", str(STEPS), "--warmup_steps", "2", "--eval_interval", "4", "--sample_interval", "4",
+                  "--checkpoint_interval", "4", "--hellaswag_data", FIXTURE, "--max_new_tokens", "16",
+                  *SIZES["tiny" if args.tiny else "gpt2"]]
+    run_dir = os.path.join(work, "run")
+    ckpt = os.path.join(run_dir, f"model_{STEPS:06d}.pt")
+
+    # train: one process, no torchrun, the README's one-GPU command
+    rc, lines = run([py, *train_args, "--log_dir", run_dir])
+    text = "\n".join(line for _, line in lines)
+    train = read_log(os.path.join(run_dir, "log.txt"), "train")
+    steps = {int(m[1]): m for _, line in lines if (m := STEP_LINE.search(line))}
+    ok = (rc == 0 and sorted(train) == list(range(STEPS)) and sorted(read_log(os.path.join(run_dir, "log.txt"), "val"))
+          == [0, 4, STEPS - 1] and len(read_log(os.path.join(run_dir, "log.txt"), "hella")) == 3
+          and "sample 0:" in text and os.path.exists(os.path.join(run_dir, "model_000004.pt")) and os.path.exists(ckpt))
+    if ok:
+        report("train", True, f"loss {train[0]:.4f} -> {train[STEPS - 1]:.4f}, val and HellaSwag at steps 0/4/7, "
+                              "samples, checkpoints at 4 and 8")
+    else:
+        failed("train", rc, lines)
+    figures = []
+    if steps:
+        steady = [steps[s] for s in sorted(steps) if s >= 2]  # step 0 compiles, step 1 may still warm up
+        ms = statistics.median(float(m[3]) for m in steady)
+        toks = statistics.median(float(m[4].replace(",", "")) for m in steady)
+        mfu = f", MFU {statistics.median(float(m[5]) for m in steady):.1f}%" if steady[0][5] else ""
+        figures.append(f"steady steps 2-{STEPS - 1}: median {ms:.0f} ms/step, {toks:,.0f} tok/s{mfu}")
+        header = next(t for t, line in lines if "parameters |" in line)
+        step0 = next(t for t, line in lines if STEP_LINE.search(line))
+        figures.append(f"step 0 (compile, val, HellaSwag, step): {step0 - header:.1f} s after the model was built")
+    figures += [line for _, line in lines if line.startswith("peak GPU memory")]
+
+    # resume: the step-4 checkpoint alone in a new folder, as a run killed after step 4 leaves it
+    resumed_dir = os.path.join(work, "resumed")
+    os.makedirs(resumed_dir, exist_ok=True)
+    if os.path.exists(os.path.join(run_dir, "model_000004.pt")):
+        shutil.copy(os.path.join(run_dir, "model_000004.pt"), resumed_dir)
+    rc, lines = run([py, *train_args, "--log_dir", resumed_dir, "--resume"])
+    resumed = read_log(os.path.join(resumed_dir, "log.txt"), "train")
+    diff = max_diff(resumed, {k: v for k, v in train.items() if k >= 4})
+    if rc == 0 and diff <= tol:
+        report("resume", True, f"steps 4-{STEPS - 1} resumed from model_000004.pt: max |loss diff| {diff:.2g} (<= {tol})")
+    elif rc == 0:
+        report("resume", False, f"resumed losses {resumed} differ from the run's by {diff:.2g} > {tol}")
+    else:
+        failed("resume", rc, lines)
+
+    # torchrun, one process: the process group (NCCL on a GPU) must not change a single step
+    tr_dir = os.path.join(work, "torchrun")
+    rc, lines = run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train_args,
+                     "--log_dir", tr_dir])
+    tr_log = os.path.join(tr_dir, "log.txt")
+    diff = max(max_diff(read_log(tr_log, s), read_log(os.path.join(run_dir, "log.txt"), s)) for s in ("train", "val"))
+    hella = read_log(tr_log, "hella") == read_log(os.path.join(run_dir, "log.txt"), "hella")
+    if rc == 0 and diff <= tol and (hella or tol):
+        report("torchrun", True, f"{STEPS} steps: max |train or val loss diff| vs no torchrun {diff:.2g} (<= {tol})"
+                                 f"; HellaSwag {'identical' if hella else 'differs in the last digits'}")
+    elif rc == 0:
+        report("torchrun", False, f"losses differ from the single-process run's by {diff:.2g} > {tol}")
+    else:
+        failed("torchrun", rc, lines)
+
+    # sample and export from the last checkpoint, on the device
+    t0 = time.time()
+    rc, lines = run([py, "train_gpt2.py", "--init_from", ckpt, "--sample", "--device", str(device),
+                     "--num_samples", "2", "--max_new_tokens", "32", "--prompt", "ROMEO:"])
+    n = sum(line.startswith("ROMEO:") for _, line in lines)
+    if rc == 0 and n == 2:
+        report("sample", True, f"2 samples of 32 tokens in {time.time() - t0:.1f} s (process start included)")
+    else:
+        failed("sample", rc, lines)
+    hf_dir = os.path.join(work, "hf")
+    rc, lines = run([py, "train_gpt2.py", "--init_from", ckpt, "--export", hf_dir, "--device", str(device)])
+    if rc == 0:
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+        ours = load_model(ckpt, device).eval()
+        idx = torch.randint(0, GPT2_VOCAB, (2, ours.config.block_size), device=device,
+                            generator=torch.Generator(device).manual_seed(0))
+        with torch.no_grad():
+            ref, got = hf(idx).logits, ours(idx)[0][..., :GPT2_VOCAB]
+        rel = ((got - ref).norm() / ref.norm()).item()
+        dtypes = {str(p.dtype) for p in hf.parameters()}
+        ok = rel <= 1e-4 and dtypes == {"torch.float32"}
+        report("export", ok, f"transformers logits vs ours, float32, 2 x {idx.size(1)} tokens: "
+                             f"||diff|| / ||ref|| = {rel:.1e} (<= 1e-4); weights {', '.join(dtypes)}")
+    else:
+        failed("export", rc, lines)
+
+    # hellaswag.py on the device, the checkpoint, the 100-example fixture
+    rc, lines = run([py, "hellaswag.py", "-m", ckpt, "-d", str(device), "--data", FIXTURE])
+    try:
+        res = json.loads(lines[-1][1])
+        ok = rc == 0 and res["examples"] == 100
+    except (IndexError, ValueError, KeyError):
+        ok = False
+    if ok:
+        timing = next((line for _, line in lines if " examples in " in line), "")
+        report("hellaswag", True, f"acc_norm {res['acc_norm']:.4f} on 100 examples; {timing}")
+    else:
+        failed("hellaswag", rc, lines)
+
+    for line in figures:
+        print(f"figure    {line}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
