@@ -771,7 +771,7 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
               f"{use_compile} | B={B} T={T} accum={accum} | {cfg.total_batch_size:,} tokens/step | "
               f"{train_loader.seqs_per_epoch * T:,} train tokens" + (f" | resuming at step {start_step}" if ckpt_path else ""))
 
-    # the next step's batches are cut from the shards (numpy, ~50 ms for 524,288 tokens on a 2-core CPU) in a
+    # the next step's batches are cut from the shards (numpy: 30-60 ms for 524,288 tokens on a 2-core CPU) in a
     # background thread while the GPU runs this step; they are the same pure function of the step as without it
     prefetcher = ThreadPoolExecutor(max_workers=1)
     load_step = functools.partial(train_loader.step_batches, accum=accum, rank=rank, world=world, B=B,

@@ -81,10 +81,12 @@ def main():
     os.makedirs(work, exist_ok=True)
     py = sys.executable
     results = []
+    clock = [time.time()]
 
     def report(name, ok, detail):
         results.append(ok)
-        print(f"{'PASS' if ok else 'FAIL'} {name:9s} {detail}", flush=True)
+        print(f"{'PASS' if ok else 'FAIL'} {name:9s} {detail} [{time.time() - clock[0]:.0f} s]", flush=True)
+        clock[0] = time.time()
 
     def failed(name, rc, lines):
         tail = " / ".join(line for _, line in lines[-3:])
