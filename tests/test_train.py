@@ -1,6 +1,7 @@
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -189,11 +190,72 @@ def test_resume_is_exact(tmp_path):
     shutil.copy(full / "model_000004.pt", cut)
     before = [l for l in (full / "log.txt").read_text().splitlines() if int(l.split()[0]) < 4]
     (cut / "log.txt").write_text("\n".join(before) + "\n")
+    # killed after step 5 was logged, in the middle of a line: the resumed run logs steps 4 and 5 again
+    after = [l for l in (full / "log.txt").read_text().splitlines() if 4 <= int(l.split()[0]) <= 5]
+    (cut / "log.txt").write_text("\n".join(before + after) + "\n6 tra")
     main(args + ["--log_dir", str(cut), "--resume"])
-    assert read_log(cut / "log.txt", "train") == read_log(full / "log.txt", "train")
-    assert read_log(cut / "log.txt", "val") == read_log(full / "log.txt", "val")
-    assert (cut / "log.txt").read_text().startswith("\n".join(before))  # appended, not wiped
+    assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()  # each step once, same values
     a, b = torch.load(full / "model_000008.pt"), torch.load(cut / "model_000008.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys):
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "5", "--checkpoint_interval", "4",
+                   "--eval_interval", "2"]
+    full = tmp_path / "full"
+    main(args + ["--log_dir", str(full)])
+    # killed after step 2 was logged, before the first checkpoint: a log and no model_*.pt
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    before = [l for l in (full / "log.txt").read_text().splitlines() if int(l.split()[0]) <= 2]
+    (cut / "log.txt").write_text("\n".join(before) + "\n3 train 10.8")
+    expect_error(args + ["--log_dir", str(cut)], "already holds a run: pass --resume")
+    capsys.readouterr()
+    main(args + ["--log_dir", str(cut), "--resume"])
+    assert f"--resume: no checkpoint (model_*.pt) in '{cut}' yet: starting from step 0" in capsys.readouterr().out
+    assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()
+    a, b = torch.load(full / "model_000005.pt"), torch.load(cut / "model_000005.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# train_gpt2.py that kills itself with SIGKILL (as kill -9 would) at a chosen point: right after it logs
+# `STEP STREAM`, or after writing the temporary file of the checkpoint of `save STEP`, before its rename
+KILL_9 = """
+import os, signal, sys, torch, train_gpt2
+where = sys.argv[1]
+def die_after(real, here):
+    def wrapper(*args):
+        real(*args)
+        if here(*args):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return wrapper
+train_gpt2.Logger.log = die_after(train_gpt2.Logger.log, lambda log, step, stream, *_: where == f"{step} {stream}")
+torch.save = die_after(torch.save, lambda ckpt, path: where == f"save {ckpt['step']}")
+train_gpt2.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_path):
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--checkpoint_interval", "4",
+                   "--eval_interval", "3", "--log_dir", "run"]
+    (tmp_path / "full").mkdir()
+    r = run_script(args, cwd=tmp_path / "full")  # the oracle: the same run, never killed
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the thread count of run_script
+    # before anything is logged but the first line; before the first checkpoint; while writing it; after it,
+    # with steps logged past it; and on the last step, after the second checkpoint
+    kills = ["0 tokens_per_step", "2 train", "save 4", "6 val", "9 val"]
+    for i, where in enumerate(kills):
+        r = subprocess.run([sys.executable, "-c", KILL_9, where] + args + (["--resume"] if i else []), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == -signal.SIGKILL, f"not killed at {where}: {r.stderr}"
+        assert ("starting from step 0" in r.stdout) == (0 < i <= 3)  # no model_000004.pt until the 4th run
+    r = run_script(args + ["--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 8" in r.stdout
+    assert (tmp_path / "run" / "log.txt").read_text() == (tmp_path / "full" / "run" / "log.txt").read_text()
+    a, b = (torch.load(tmp_path / d / "run" / "model_000010.pt") for d in ("full", "."))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
