@@ -327,6 +327,53 @@ def expect_error(args, match):
     return msg
 
 
+BAD_FLAGS = [
+    ("max_lr", "nan"), ("max_lr", "inf"), ("max_lr", "-0.0006"), ("max_lr", "0.0"), ("min_lr", "-0.1"),
+    ("min_lr", "nan"), ("min_lr", "0.5"), ("weight_decay", "-0.1"), ("weight_decay", "inf"), ("grad_clip", "-1.0"),
+    ("grad_clip", "nan"), ("warmup_steps", "-5"), ("seed", "-1"), ("seed", str(2**64)), ("batch_size", "0"),
+    ("seq_len", "-32"), ("total_batch_size", "0"), ("max_steps", "0"), ("eval_interval", "0"), ("val_tokens", "0"),
+    ("sample_interval", "0"), ("checkpoint_interval", "-1"), ("n_layer", "0"), ("n_head", "0"), ("n_head", "3"),
+    ("n_embd", "0"), ("block_size", "0"), ("vocab_size", "1000"), ("temperature", "-1.0"), ("temperature", "nan"),
+    ("max_new_tokens", "-1"), ("max_new_tokens", "0"), ("top_k", "0"), ("num_samples", "0"),
+]
+
+
+@pytest.mark.parametrize("mode", ["train", "sample", "export"])
+@pytest.mark.parametrize("flag, value", BAD_FLAGS, ids=[f"{f} {v}" for f, v in BAD_FLAGS])
+def test_bad_numeric_flag_is_one_line_before_anything_is_written(tmp_path, flag, value, mode):
+    log = tmp_path / "log"
+    run = {"train": [], "sample": ["--sample"], "export": ["--export", str(tmp_path / "hf")]}[mode]
+    msg = expect_error(TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--log_dir", str(log),
+                               f"--{flag}", value] + run, " it takes ")
+    named = "--n_embd 32" if (flag, value) == ("n_head", "3") else f"--{flag} {value}"  # 32 heads of 3 channels?
+    assert msg.startswith(f"error: {named}: it takes "), msg
+    assert not log.exists() and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("args, match", [(["--seed", "x"], "--seed: invalid int value"),
+                                         (["--max_steps", "1.5"], "--max_steps: invalid int value"),
+                                         (["--no-such-flag"], "unrecognized arguments")])
+def test_unparsable_flag_is_one_line(tmp_path, args, match):
+    expect_error(["--log_dir", str(tmp_path / "log")] + args, match)
+    assert not (tmp_path / "log").exists()
+
+
+def test_bad_flag_on_the_command_line_exits_1_with_one_line(tmp_path):
+    r = run_script(["--preset", "shakespeare", "--seed", "-1"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "error: --seed -1: it takes an integer from 0 to 2**64 - 1\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_grad_clip_0_means_no_clipping(tmp_path):
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--max_lr", "1e-2", "--warmup_steps", "1"]
+    for clip in ("0", "1e9", "1e-3"):
+        main(base + ["--grad_clip", clip, "--log_dir", str(tmp_path / clip)])
+    off, huge, tight = (read_log(tmp_path / c / "log.txt", "train") for c in ("0", "1e9", "1e-3"))
+    assert off == huge and off[2] < off[0] - 0.05  # it learns, exactly as with a clip it never reaches
+    assert tight != off  # and the clip, where set, does bite
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     base = TINY + ["--max_steps", "2", "--log_dir", str(tmp_path / "log")]
     expect_error(base + ["--data", str(tmp_path / "nowhere")], "no train shards")
