@@ -535,9 +535,9 @@ def check_config(model_cfg, cfg, sample_cfg):
         if not ok:
             raise UsageError(f"--{name} {getattr(values, name)}: it takes {takes}")
     values = argparse.Namespace(**asdict(model_cfg), **asdict(cfg), **asdict(sample_cfg))
-    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "temperature"):
-        value = getattr(values, name)
-        need(value is None or math.isfinite(value), name, "a finite number")
+    for f in fields(GPTConfig) + fields(TrainConfig) + fields(SampleConfig):
+        value = getattr(values, f.name)
+        need(f.type is not float or value is None or math.isfinite(value), f.name, "a finite number")
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "seq_len",
                  "total_batch_size", "max_steps", "eval_interval", "val_tokens", "sample_interval",
                  "checkpoint_interval", "num_samples", "max_new_tokens", "top_k"):
@@ -660,9 +660,11 @@ class Logger:
         one perhaps cut short), and the resumed run logs them again. Each step then appears once."""
         if not self.enabled or not os.path.exists(self.path):
             return
+        def before(line):
+            parts = line.split()
+            return line.endswith("\n") and len(parts) == 3 and parts[0].isdigit() and int(parts[0]) < step
         with open(self.path) as f:
-            kept = [line for line in f if line.endswith("\n") and len(line.split()) == 3
-                    and line.split()[0].isdigit() and int(line.split()[0]) < step]
+            kept = [line for line in f if before(line)]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
@@ -800,7 +802,7 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
         batches = [tuple(t.to(device, non_blocking=True) for t in train_loader.train_batch(step, m, accum, rank, world, B))
                    for m in range(accum)]
         loss = all_reduce(accumulate_gradients(model, batches, autocast, ddp), ddp) / world
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: no clipping (max_norm 0 zeroes the grads)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: off (max_norm 0 would zero the grads)
         if not math.isfinite(loss.item()) or not math.isfinite(norm.item()):
             good = find_checkpoint(cfg.log_dir)
             raise UsageError(f"loss {loss.item()} / grad norm {norm.item()} is not finite at step {step}; "
