@@ -654,10 +654,13 @@ class Logger:
     def __init__(self, log_dir, enabled):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "log.txt")
+        self.header = ""  # written with the first event: a run that fails before any leaves no log.txt
 
-    def start_at(self, step):
+    def start_at(self, step, tokens_per_step):
         """Drop the lines of steps >= step: a killed run logged them after its last checkpoint (the last
         one perhaps cut short), and the resumed run logs them again. Each step then appears once."""
+        if step == 0:
+            self.header = f"0 tokens_per_step {tokens_per_step}\n"  # play.ipynb reads it for its tokens axis
         if not self.enabled or not os.path.exists(self.path):
             return
         def before(line):
@@ -677,7 +680,8 @@ class Logger:
     def log(self, step, stream, value, fmt):
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(f"{step} {stream} {value:{fmt}}\n")
+                f.write(self.header + f"{step} {stream} {value:{fmt}}\n")
+            self.header = ""
 
 
 def train(cfg, model_cfg, sample_cfg):
@@ -769,9 +773,7 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
 
     os.makedirs(cfg.log_dir, exist_ok=True)
     log = Logger(cfg.log_dir, master)
-    log.start_at(start_step)
-    if start_step == 0:
-        log.log(0, "tokens_per_step", cfg.total_batch_size, "d")  # play.ipynb reads it for its tokens axis
+    log.start_at(start_step, cfg.total_batch_size)
     flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
     peak = peak_flops(device)
     log.print(f"{raw_model.num_params():,} parameters | {world} process(es) on {device} | {dtype} | compile "

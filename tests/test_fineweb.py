@@ -147,6 +147,8 @@ def test_hf_dataset_path_matches_local_input(tmp_path):
 # signals it at a known point of the run, however slow or loaded the machine
 STOP_AFTER_2_SHARDS = """
 import os, signal, sys, fineweb
+# Ctrl-C as in a terminal: a shell starts background jobs (pytest &) with SIGINT ignored, and children inherit it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 save_meta = fineweb.save_meta
 def save_then_stop(output_dir, prefix, meta):
     save_meta(output_dir, prefix, meta)
