@@ -539,6 +539,31 @@ PRESETS = {
 }
 
 
+def check_config(model_cfg, cfg, sample_cfg):
+    """Every flag's value, checked before a model is built or a file written: a bad one is one UsageError."""
+    def need(ok, name, takes):
+        if not ok:
+            raise UsageError(f"--{name} {getattr(values, name)}: it takes {takes}")
+    values = argparse.Namespace(**asdict(model_cfg), **asdict(cfg), **asdict(sample_cfg))
+    for f in fields(GPTConfig) + fields(TrainConfig) + fields(SampleConfig):
+        value = getattr(values, f.name)
+        need(f.type is not float or value is None or math.isfinite(value), f.name, "a finite number")
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "seq_len",
+                 "total_batch_size", "max_steps", "eval_interval", "val_tokens", "sample_interval",
+                 "checkpoint_interval", "num_samples", "max_new_tokens", "top_k"):
+        need(getattr(values, name) >= 1, name, "an integer >= 1")
+    need(model_cfg.vocab_size >= GPT2_VOCAB, "vocab_size", f"an integer >= {GPT2_VOCAB}, the GPT-2 tokenizer's size")
+    need(model_cfg.n_embd % model_cfg.n_head == 0, "n_embd", f"a multiple of --n_head {model_cfg.n_head}")
+    need(cfg.max_lr > 0, "max_lr", "a learning rate > 0, e.g. 6e-4")
+    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr", f"a learning rate from 0 to --max_lr {cfg.max_lr}")
+    need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
+    need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+    need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
+    need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
+    need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "auto, float32 or bfloat16")
+
+
 def best_device():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
@@ -657,6 +682,24 @@ class Logger:
     def __init__(self, log_dir, enabled):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "log.txt")
+        self.header = ""  # written with the first event: a run that fails before any leaves no log.txt
+
+    def start_at(self, step, tokens_per_step):
+        """Drop the lines of steps >= step: a killed run logged them after its last checkpoint (the last
+        one perhaps cut short), and the resumed run logs them again. Each step then appears once."""
+        if step == 0:
+            self.header = f"0 tokens_per_step {tokens_per_step}\n"  # play.ipynb reads it for its tokens axis
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        def before(line):
+            parts = line.split()
+            return line.endswith("\n") and len(parts) == 3 and parts[0].isdigit() and int(parts[0]) < step
+        with open(self.path) as f:
+            kept = [line for line in f if before(line)]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)  # a kill during the rewrite leaves the old log or the new one
 
     def print(self, *args):
         if self.enabled:
@@ -665,7 +708,8 @@ class Logger:
     def log(self, step, stream, value, fmt):
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(f"{step} {stream} {value:{fmt}}\n")
+                f.write(self.header + f"{step} {stream} {value:{fmt}}\n")
+            self.header = ""
 
 
 def train(cfg, model_cfg, sample_cfg):
@@ -679,12 +723,6 @@ def train(cfg, model_cfg, sample_cfg):
 
 
 def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "eval_interval", "val_tokens",
-                 "sample_interval", "checkpoint_interval"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise UsageError(f"--dtype {cfg.dtype}: use auto, float32 or bfloat16")
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
@@ -705,8 +743,9 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
 
     # resume, or a fresh run that must not clobber an old one
     ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
-    if cfg.resume and ckpt_path is None:
-        raise UsageError(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}'; drop --resume to start afresh")
+    if cfg.resume and ckpt_path is None and master:
+        # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
+        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
     if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
         raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
                          "or a new --log_dir (or delete the folder) to start afresh")
@@ -765,6 +804,7 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
 
     os.makedirs(cfg.log_dir, exist_ok=True)
     log = Logger(cfg.log_dir, master)
+    log.start_at(start_step, cfg.total_batch_size)
     flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
     peak = peak_flops(device)
     log.print(f"{raw_model.num_params():,} parameters | {world} process(es) on {device} | {dtype} | compile "
@@ -802,7 +842,7 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
             next_batches = prefetcher.submit(load_step, step + 1)
         optimizer.zero_grad(set_to_none=True)
         loss = all_reduce(accumulate_gradients(model, list(zip(x, y)), autocast, wrap), ddp) / world
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: off (max_norm 0 would zero the grads)
         lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -842,6 +882,7 @@ def parse_args(argv=None):
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(f"--{f.name}", type=f.type if f.type in (int, float) else str, metavar=f.name.upper())
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as for every other bad input
     given = vars(parser.parse_args(argv))
     values = {**PRESETS.get(given.pop("preset", None), {}), **given}
     pick = lambda cls: cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
@@ -851,6 +892,7 @@ def parse_args(argv=None):
 def main(argv=None):
     model_cfg, cfg, sample_cfg = parse_args(argv)
     try:
+        check_config(model_cfg, cfg, sample_cfg)
         if not sample_cfg.sample and sample_cfg.export is None:
             return train(cfg, model_cfg, sample_cfg)
         source = cfg.init_from or find_checkpoint(cfg.log_dir)

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -144,21 +143,37 @@ def test_hf_dataset_path_matches_local_input(tmp_path):
     assert len(hf) > 5 and hf == shard_bytes(tmp_path / "local")
 
 
+# fineweb.py that stops itself (SIGSTOP) once the metadata of its second shard is saved: the test then
+# signals it at a known point of the run, however slow or loaded the machine
+STOP_AFTER_2_SHARDS = """
+import os, signal, sys, fineweb
+# Ctrl-C as in a terminal: a shell starts background jobs (pytest &) with SIGINT ignored, and children inherit it
+signal.signal(signal.SIGINT, signal.default_int_handler)
+save_meta = fineweb.save_meta
+def save_then_stop(output_dir, prefix, meta):
+    save_meta(output_dir, prefix, meta)
+    if len(meta["shards"]) == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)
+fineweb.save_meta = save_then_stop
+fineweb.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, num_proc", [(signal.SIGKILL, 1), (signal.SIGINT, 2)], ids=["SIGKILL", "SIGINT"])
 def test_killed_run_resumes_to_identical_shards(tmp_path, sig, num_proc):
     inputs = write_inputs(tmp_path, "jsonl", [SHAKESPEARE] * 12 + ["", SHAKESPEARE[:1234]])  # ~4M tokens, ~1 s
     args = ["--input", *inputs, "--prefix", "t", "--shard_size", 200_000, "--num_proc", num_proc]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "fineweb.py"), *map(str, args), "--output_dir", out],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (out / "t_train_000001.npy").exists():
-        assert proc.poll() is None and time.time() < deadline, "fineweb.py ended before its first train shard"
-        time.sleep(0.005)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode != 0
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AFTER_2_SHARDS, *map(str, args), "--output_dir", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once it has stopped itself (or, wrongly, ended)
+    assert os.WIFSTOPPED(status), f"fineweb.py ended before its second shard: {proc.stderr.read()}"
+    proc.send_signal(sig)  # a SIGINT waits, pending, until SIGCONT wakes the process
+    os.kill(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     if sig == signal.SIGINT:
         assert stderr.strip().splitlines() == ["interrupted: rerun the same command to continue "
                                                "after the last complete shard"]

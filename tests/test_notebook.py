@@ -1,4 +1,4 @@
-import json
+import shutil
 
 import nbformat
 import pytest
@@ -7,25 +7,49 @@ from nbclient import NotebookClient
 from conftest import ROOT
 from train_gpt2 import main
 
+FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+
+
+def run_notebook(folder, plots_only=False):
+    """play.ipynb as committed, run in `folder` as a user would open it there: its text output."""
+    nb = nbformat.read(folder / "play.ipynb", as_version=4)
+    if plots_only:  # the training plots, without the part that builds and samples a 124M model
+        nb.cells = nb.cells[:next(i for i, c in enumerate(nb.cells) if "plt.show()" in c.source) + 1]
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, errors[0].get("evalue")
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == (1 if plots_only else 2)  # the training plots, the position embeddings
+    return "".join(o.get("text", "") for o in outputs)
+
 
 @pytest.mark.slow
-def test_play_notebook_plots_a_real_training_log(tmp_path):
-    log_dir = tmp_path / "log"
-    main(["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "256", "--batch_size", "4",
-          "--seq_len", "32", "--total_batch_size", "128", "--max_steps", "6", "--eval_interval", "3",
-          "--val_tokens", "512", "--data", str(ROOT / "input.txt"), "--log_dir", str(log_dir),
-          "--hellaswag_data", str(ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"),
-          "--sample_interval", "1000", "--checkpoint_interval", "1000"])
+def test_play_notebook_plots_the_quickstart_log_and_a_hellaswag_run_unedited(tmp_path, monkeypatch):
     nb = nbformat.read(ROOT / "play.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit play.ipynb without outputs"
-    first = next(c for c in nb.cells if c.cell_type == "code")
-    assert 'LOGS = ["log/log.txt"]' in first.source
-    first.source = first.source.replace('LOGS = ["log/log.txt"]', f"LOGS = [{json.dumps(str(log_dir / 'log.txt'))}]")
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # the training plots, the position embeddings
-    text = "".join(o.get("text", "") for o in outputs)
-    assert "train" in text and "hella" in text and "6 points" in text  # 6 train steps were read
+    shutil.copy(ROOT / "play.ipynb", tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports train_gpt2, as it does beside it
+    # the README's quickstart, shortened; and a run with HellaSwag, as the 124M recipe logs it
+    main(["--preset", "shakespeare", "--max_steps", "4", "--eval_interval", "2", "--val_tokens", "2048",
+          "--log_dir", str(tmp_path / "log_shakespeare")])
+    main(["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "256", "--batch_size", "8",
+          "--seq_len", "32", "--total_batch_size", "4096", "--max_steps", "6", "--eval_interval", "3",
+          "--val_tokens", "512", "--data", str(ROOT / "input.txt"), "--log_dir", str(tmp_path / "log"),
+          "--hellaswag_data", str(FIXTURE), "--sample_interval", "1000", "--checkpoint_interval", "1000"])
+    text = run_notebook(tmp_path)
+    lines = text.splitlines()
+    quick = next(l for l in lines if l.startswith("log_shakespeare/log.txt 4,096 tokens/step"))
+    assert "'train': '4 points" in quick and "'val': '3 points" in quick and "hella" not in quick
+    tiny = next(l for l in lines if l.startswith("log/log.txt 4,096 tokens/step"))
+    assert "'train': '6 points" in tiny and "'hella': '3 points" in tiny
+    assert "no HellaSwag in log_shakespeare (trained with --no-hellaswag, or without its data)" in lines
+    assert "tokens axis: 4,096 tokens/step" in lines
     assert "Hello, I'm a language model," in text
+
+
+def test_play_notebook_says_where_it_looked_when_there_is_no_log(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "play.ipynb", tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    text = run_notebook(tmp_path, plots_only=True)
+    assert f"no log*/log.txt in {tmp_path}: train first (python train_gpt2.py --preset shakespeare)" in text

@@ -2,6 +2,7 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -180,8 +181,9 @@ def test_quickstart_preset_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     log = tmp_path / "log_shakespeare" / "log.txt"
     lines = log.read_text().splitlines()
-    assert lines[0].startswith("0 val ") and lines[1].startswith("0 train ")
-    for line in lines:
+    assert lines[0] == "0 tokens_per_step 4096"
+    assert lines[1].startswith("0 val ") and lines[2].startswith("0 train ")
+    for line in lines[1:]:
         step, stream, value = line.split()
         assert stream in ("train", "val") and int(step) in (0, 1, 2)
         assert len(value.split(".")[1]) == (6 if stream == "train" else 4)
@@ -202,10 +204,11 @@ def test_resume_is_exact(tmp_path):
     shutil.copy(full / "model_000004.pt", cut)
     before = [l for l in (full / "log.txt").read_text().splitlines() if int(l.split()[0]) < 4]
     (cut / "log.txt").write_text("\n".join(before) + "\n")
+    # killed after step 5 was logged, in the middle of a line: the resumed run logs steps 4 and 5 again
+    after = [l for l in (full / "log.txt").read_text().splitlines() if 4 <= int(l.split()[0]) <= 5]
+    (cut / "log.txt").write_text("\n".join(before + after) + "\n6 tra")
     main(args + ["--log_dir", str(cut), "--resume"])
-    assert read_log(cut / "log.txt", "train") == read_log(full / "log.txt", "train")
-    assert read_log(cut / "log.txt", "val") == read_log(full / "log.txt", "val")
-    assert (cut / "log.txt").read_text().startswith("\n".join(before))  # appended, not wiped
+    assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()  # each step once, same values
     a, b = torch.load(full / "model_000008.pt"), torch.load(cut / "model_000008.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
@@ -235,6 +238,66 @@ def test_training_loop_equals_a_plain_synchronous_loop(tmp_path):
             group["lr"] = get_lr(step, cfg.max_lr, 0.1 * cfg.max_lr, cfg.warmup_steps, cfg.max_steps)
         optimizer.step()
         assert logged[step] == pytest.approx(mean_loss, abs=2e-6), step
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys):
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "5", "--checkpoint_interval", "4",
+                   "--eval_interval", "2"]
+    full = tmp_path / "full"
+    main(args + ["--log_dir", str(full)])
+    # killed after step 2 was logged, before the first checkpoint: a log and no model_*.pt
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    before = [l for l in (full / "log.txt").read_text().splitlines() if int(l.split()[0]) <= 2]
+    (cut / "log.txt").write_text("\n".join(before) + "\n3 train 10.8")
+    expect_error(args + ["--log_dir", str(cut)], "already holds a run: pass --resume")
+    capsys.readouterr()
+    main(args + ["--log_dir", str(cut), "--resume"])
+    assert f"--resume: no checkpoint (model_*.pt) in '{cut}' yet: starting from step 0" in capsys.readouterr().out
+    assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()
+    a, b = torch.load(full / "model_000005.pt"), torch.load(cut / "model_000005.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# train_gpt2.py that kills itself with SIGKILL (as kill -9 would) at a chosen point: right after it logs
+# `STEP STREAM`, or after writing the temporary file of the checkpoint of `save STEP`, before its rename
+KILL_9 = """
+import os, signal, sys, torch, train_gpt2
+where = sys.argv[1]
+def die_after(real, here):
+    def wrapper(*args):
+        real(*args)
+        if here(*args):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return wrapper
+train_gpt2.Logger.log = die_after(train_gpt2.Logger.log, lambda log, step, stream, *_: where == f"{step} {stream}")
+torch.save = die_after(torch.save, lambda ckpt, path: where == f"save {ckpt['step']}")
+train_gpt2.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_path):
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--checkpoint_interval", "4",
+                   "--eval_interval", "3", "--log_dir", "run"]
+    (tmp_path / "full").mkdir()
+    r = run_script(args, cwd=tmp_path / "full")  # the oracle: the same run, never killed
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the thread count of run_script
+    # after the first line is logged; before the first checkpoint; while writing it; after it,
+    # with steps logged past it; and on the last step, after the second checkpoint
+    kills = ["0 val", "2 train", "save 4", "6 val", "9 val"]
+    for i, where in enumerate(kills):
+        r = subprocess.run([sys.executable, "-c", KILL_9, where] + args + (["--resume"] if i else []), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == -signal.SIGKILL, f"not killed at {where}: {r.stderr}"
+        assert ("starting from step 0" in r.stdout) == (0 < i <= 3)  # no model_000004.pt until the 4th run
+    r = run_script(args + ["--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 8" in r.stdout
+    assert (tmp_path / "run" / "log.txt").read_text() == (tmp_path / "full" / "run" / "log.txt").read_text()
+    a, b = (torch.load(tmp_path / d / "run" / "model_000010.pt") for d in ("full", "."))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def free_port():
@@ -305,6 +368,53 @@ def expect_error(args, match):
     return msg
 
 
+BAD_FLAGS = [
+    ("max_lr", "nan"), ("max_lr", "inf"), ("max_lr", "-0.0006"), ("max_lr", "0.0"), ("min_lr", "-0.1"),
+    ("min_lr", "nan"), ("min_lr", "0.5"), ("weight_decay", "-0.1"), ("weight_decay", "inf"), ("grad_clip", "-1.0"),
+    ("grad_clip", "nan"), ("warmup_steps", "-5"), ("seed", "-1"), ("seed", str(2**64)), ("batch_size", "0"),
+    ("seq_len", "-32"), ("total_batch_size", "0"), ("max_steps", "0"), ("eval_interval", "0"), ("val_tokens", "0"),
+    ("sample_interval", "0"), ("checkpoint_interval", "-1"), ("n_layer", "0"), ("n_head", "0"), ("n_head", "3"),
+    ("n_embd", "0"), ("block_size", "0"), ("vocab_size", "1000"), ("temperature", "-1.0"), ("temperature", "nan"),
+    ("max_new_tokens", "-1"), ("max_new_tokens", "0"), ("top_k", "0"), ("num_samples", "0"),
+]
+
+
+@pytest.mark.parametrize("mode", ["train", "sample", "export"])
+@pytest.mark.parametrize("flag, value", BAD_FLAGS, ids=[f"{f} {v}" for f, v in BAD_FLAGS])
+def test_bad_numeric_flag_is_one_line_before_anything_is_written(tmp_path, flag, value, mode):
+    log = tmp_path / "log"
+    run = {"train": [], "sample": ["--sample"], "export": ["--export", str(tmp_path / "hf")]}[mode]
+    msg = expect_error(TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--log_dir", str(log),
+                               f"--{flag}", value] + run, " it takes ")
+    named = "--n_embd 32" if (flag, value) == ("n_head", "3") else f"--{flag} {value}"  # 32 heads of 3 channels?
+    assert msg.startswith(f"error: {named}: it takes "), msg
+    assert not log.exists() and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("args, match", [(["--seed", "x"], "--seed: invalid int value"),
+                                         (["--max_steps", "1.5"], "--max_steps: invalid int value"),
+                                         (["--no-such-flag"], "unrecognized arguments")])
+def test_unparsable_flag_is_one_line(tmp_path, args, match):
+    expect_error(["--log_dir", str(tmp_path / "log")] + args, match)
+    assert not (tmp_path / "log").exists()
+
+
+def test_bad_flag_on_the_command_line_exits_1_with_one_line(tmp_path):
+    r = run_script(["--preset", "shakespeare", "--seed", "-1"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "error: --seed -1: it takes an integer from 0 to 2**64 - 1\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_grad_clip_0_means_no_clipping(tmp_path):
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--max_lr", "1e-2", "--warmup_steps", "1"]
+    for clip in ("0", "1e9", "1e-3"):
+        main(base + ["--grad_clip", clip, "--log_dir", str(tmp_path / clip)])
+    off, huge, tight = (read_log(tmp_path / c / "log.txt", "train") for c in ("0", "1e9", "1e-3"))
+    assert off == huge and off[2] < off[0] - 0.05  # it learns, exactly as with a clip it never reaches
+    assert tight != off  # and the clip, where set, does bite
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     base = TINY + ["--max_steps", "2", "--log_dir", str(tmp_path / "log")]
     expect_error(base + ["--data", str(tmp_path / "nowhere")], "no train shards")
@@ -331,14 +441,13 @@ def test_bad_shapes_are_clear_errors(tmp_path):
     assert "--total_batch_size 256" in msg
     expect_error(base + ["--device", "cuda"], "no CUDA")
     expect_error(base + ["--device", "gpu"], "not a device")
-    expect_error(base + ["--dtype", "float16"], "use auto, float32 or bfloat16")
-    expect_error(base + ["--eval_interval", "0"], "--eval_interval must be >= 1")
+    expect_error(base + ["--dtype", "float16"], "--dtype float16: it takes auto, float32 or bfloat16")
+    expect_error(base + ["--eval_interval", "0"], "--eval_interval 0: it takes an integer >= 1")
 
 
 def test_bad_resume_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     log = tmp_path / "log"
     base = TINY + ["--data", str(ROOT / "input.txt"), "--log_dir", str(log)]
-    expect_error(base + ["--resume"], "no checkpoint")
     main(base + ["--max_steps", "2"])
     ckpt = log / "model_000002.pt"
     saved = ckpt.read_bytes()
