@@ -851,7 +851,7 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
                              f"lower --max_lr or check the data. The last good checkpoint is intact: {good}")
         lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
-            group["lr"] = peak_lr * lr / cfg.max_lr  # one warmup + cosine shape; Muon's group has its own peak
+            group["lr"] = lr * (peak_lr / cfg.max_lr)  # one warmup + cosine shape; Muon's group has its own peak
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
