@@ -512,6 +512,7 @@ def test_muon_compiled_run_matches_eager(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "compile True" in r.stdout
     main(args + ["--log_dir", str(tmp_path / "eager")])
-    for stream in ("train", "val"):
+    # compiled kernels round differently (~1e-6); val is logged to 4 decimals, so it may differ by one unit
+    for stream, tol in (("train", 1e-4), ("val", 2e-4)):
         eager, compiled = (read_log(tmp_path / d / "log.txt", stream) for d in ("eager", "compiled"))
-        assert eager.keys() == compiled.keys() and max(abs(eager[s] - compiled[s]) for s in eager) <= 1e-4
+        assert eager.keys() == compiled.keys() and max(abs(eager[s] - compiled[s]) for s in eager) <= tol
