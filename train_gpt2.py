@@ -769,11 +769,11 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
         if changed:
             raise UsageError(f"{ckpt_path} was trained with " + ", ".join(f"--{k} {ckpt['args'][k]}" for k in changed)
                              + "; resume with the same values (or start a new --log_dir)")
-        trained_with = ckpt["args"].get("optimizer", "adamw"), ckpt["args"].get("muon_split_qkv", True)
-        if trained_with != (cfg.optimizer, cfg.muon_split_qkv):
-            raise UsageError(f"{ckpt_path} was trained with --optimizer {trained_with[0]}"
-                             + (f" --{'' if trained_with[1] else 'no-'}muon_split_qkv" if trained_with[0] == "muon" else "")
-                             + "; its optimizer state fits only that: resume with it (or start a new --log_dir)")
+        # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
+        opt, split = ckpt["args"].get("optimizer", "adamw"), ckpt["args"].get("muon_split_qkv", True)
+        if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
+            flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
+            raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
         raw_model = GPT(model_cfg)
         raw_model.load_state_dict(ckpt["model"])
     elif cfg.init_from:

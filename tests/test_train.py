@@ -483,6 +483,7 @@ def test_muon_flags_and_resume_with_another_optimizer_are_clear_errors(tmp_path)
     resume = base + ["--resume", "--max_steps", "4"]
     expect_error(resume + MUON, "trained with --optimizer adamw")
     assert (log / "model_000002.pt").read_bytes() == saved
+    main(resume + ["--no-muon_split_qkv"])  # a Muon-only flag does not matter to an AdamW run
     muon_log = tmp_path / "muon"
     main(TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--log_dir", str(muon_log)])
     again = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "4", "--log_dir", str(muon_log), "--resume"]
