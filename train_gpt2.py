@@ -444,13 +444,73 @@ def find_data(path):
 # optimizer and learning rate schedule
 
 
-def configure_optimizer(model, weight_decay, lr, device_type):
+def configure_optimizer(model, weight_decay, lr, device_type, optimizer="adamw", muon_lr=None, muon_momentum=0.95,
+                        muon_split_qkv=True):
     # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains stay undecayed
     params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "muon":
+        # Muon is for the hidden layers' matrices only (Jordan 2024): the embeddings, the tied lm_head,
+        # the biases and the LayerNorm gains stay with AdamW
+        matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+        params = [p for p in params if id(p) not in matrices]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type == "cuda"  # one kernel for all tensors instead of a loop of small ones
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    if optimizer == "adamw":
+        return adamw
+    return MuonAdamW(model, adamw, lr if muon_lr is None else muon_lr, weight_decay, muon_momentum, muon_split_qkv)
+
+
+class MuonAdamW:
+    """
+    torch.optim.Muon for the blocks' 2-D weights and AdamW for everything else, stepped, zeroed and
+    saved as one optimizer. adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonal update to an
+    RMS of 0.2 * lr, about AdamW's, so the recipe's lr and weight decay carry over (Liu et al. 2025,
+    "Muon is Scalable for LLM Training"). With split_qkv each fused c_attn weight (3C, C) is
+    orthogonalised as three (C, C) matrices, q, k and v apart: Muon steps views of it.
+    """
+
+    def __init__(self, model, adamw, lr, weight_decay, momentum, split_qkv):
+        self.adamw = adamw
+        self.qkv = []  # (fused c_attn weight, its q, k, v views) when split_qkv
+        matrices = []
+        for name, p in model.transformer.h.named_parameters():
+            if p.dim() != 2:
+                continue
+            if split_qkv and name.endswith("attn.c_attn.weight"):
+                views = [nn.Parameter(part) for part in p.data.chunk(3)]  # share p's storage
+                self.qkv.append((p, views))
+                matrices += views
+            else:
+                matrices.append(p)
+        # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch.optim.Muon's defaults, Keller Jordan's values
+        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                     adjust_lr_fn="match_rms_adamw")
+
+    @property
+    def param_groups(self):
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+        for p, _ in self.qkv:
+            p.grad = None  # in neither optimizer: Muon holds its views
+
+    def step(self):
+        for p, views in self.qkv:
+            for view, grad in zip(views, p.grad.chunk(3)):
+                view.grad = grad
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
@@ -516,6 +576,11 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16
     seed: int = 1337
+    # Muon (Jordan 2024) for the blocks' matrices, AdamW for the rest: see configure_optimizer and the README
+    optimizer: str = "adamw"  # adamw (the recipe) or muon
+    muon_lr: float = None  # Muon's peak lr, on the same schedule; default max_lr (Liu et al. 2025: update RMS matched to AdamW's)
+    muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov), Keller Jordan's value
+    muon_split_qkv: bool = True  # orthogonalise c_attn's q, k, v apart: lower val loss than the fused matrix, see README
 
 
 @dataclass
@@ -555,6 +620,9 @@ def check_config(model_cfg, cfg, sample_cfg):
     need(model_cfg.vocab_size >= GPT2_VOCAB, "vocab_size", f"an integer >= {GPT2_VOCAB}, the GPT-2 tokenizer's size")
     need(model_cfg.n_embd % model_cfg.n_head == 0, "n_embd", f"a multiple of --n_head {model_cfg.n_head}")
     need(cfg.max_lr > 0, "max_lr", "a learning rate > 0, e.g. 6e-4")
+    need(cfg.optimizer in ("adamw", "muon"), "optimizer", "adamw or muon")
+    need(cfg.muon_lr is None or cfg.muon_lr > 0, "muon_lr", "a learning rate > 0, e.g. 6e-4")
+    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "a number in [0, 1), e.g. 0.95")
     need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr", f"a learning rate from 0 to --max_lr {cfg.max_lr}")
     need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
     need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
@@ -763,6 +831,11 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
         if changed:
             raise UsageError(f"{ckpt_path} was trained with " + ", ".join(f"--{k} {ckpt['args'][k]}" for k in changed)
                              + "; resume with the same values (or start a new --log_dir)")
+        # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
+        opt, split = ckpt["args"].get("optimizer", "adamw"), ckpt["args"].get("muon_split_qkv", True)
+        if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
+            flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
+            raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
         raw_model = GPT(model_cfg)
         raw_model.load_state_dict(ckpt["model"])
     elif cfg.init_from:
@@ -792,7 +865,9 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
     # gradient into its buckets for nothing
     wrap = ddp and world > 1
     model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if wrap else compiled
-    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type)
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer, cfg.muon_lr,
+                                    cfg.muon_momentum, cfg.muon_split_qkv)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # read before a checkpoint's state replaces them
     start_step = 0
     if ckpt_path:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -844,8 +919,8 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
         loss = all_reduce(accumulate_gradients(model, list(zip(x, y)), autocast, wrap), ddp) / world
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: off (max_norm 0 would zero the grads)
         lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
+            group["lr"] = lr * (peak_lr / cfg.max_lr)  # one warmup + cosine shape; Muon's group has its own peak
         optimizer.step()
         # the step's one wait for the GPU: the log line and the non-finite check need these two numbers. A
         # non-finite step has already changed the weights in memory, but no checkpoint is written after it.

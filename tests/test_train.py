@@ -376,6 +376,7 @@ BAD_FLAGS = [
     ("sample_interval", "0"), ("checkpoint_interval", "-1"), ("n_layer", "0"), ("n_head", "0"), ("n_head", "3"),
     ("n_embd", "0"), ("block_size", "0"), ("vocab_size", "1000"), ("temperature", "-1.0"), ("temperature", "nan"),
     ("max_new_tokens", "-1"), ("max_new_tokens", "0"), ("top_k", "0"), ("num_samples", "0"),
+    ("optimizer", "sgd"), ("muon_lr", "nan"), ("muon_lr", "-0.02"), ("muon_momentum", "1.5"),
 ]
 
 
@@ -514,3 +515,168 @@ def test_val_loss_with_a_short_last_batch_is_the_mean_over_every_token(tmp_path)
     x, y = loader.batch(range(7))
     with torch.no_grad():
         assert got == pytest.approx(model(x, y)[1].item(), abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Muon (--optimizer muon): the blocks' matrices with torch.optim.Muon, the rest with AdamW
+
+MUON = ["--optimizer", "muon", "--muon_lr", "4e-3"]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_everything_else():
+    model = tiny_model()
+    opt = configure_optimizer(model, 0.1, 6e-4, "cpu", "muon", muon_lr=0.02, muon_split_qkv=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.adamw.param_groups)
+    assert muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert decay == {"transformer.wte.weight", "transformer.wpe.weight"}  # wte is also the tied lm_head
+    assert all(n.endswith(".bias") or ".ln_" in n for n in no_decay)
+    assert len(muon) + len(decay) + len(no_decay) == len(list(model.parameters()))
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 6e-4, 6e-4]
+    assert opt.muon.defaults["adjust_lr_fn"] == "match_rms_adamw" and opt.muon.defaults["momentum"] == 0.95
+    assert opt.muon.defaults["weight_decay"] == 0.1 and opt.muon.defaults["nesterov"]
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_muon_steps_equal_torch_muon_on_q_k_v_apart_or_whole(split):
+    """The oracle: plain torch.optim.Muon and AdamW on a twin model, its c_attn stepped as q, k, v leaves or whole."""
+    model, twin = tiny_model(), tiny_model()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = configure_optimizer(model, 0.1, 1e-3, "cpu", "muon", muon_lr=0.02, muon_split_qkv=split)
+    ref = dict(twin.named_parameters())
+    parts = {n: [t.detach().clone().requires_grad_() for t in p.detach().chunk(3)]
+             for n, p in ref.items() if split and n.endswith("c_attn.weight")}
+    matrices = [p for n, p in ref.items() if n.startswith("transformer.h.") and p.dim() == 2 and n not in parts]
+    matrices += [t for ts in parts.values() for t in ts]
+    rest = [p for n, p in ref.items() if not n.startswith("transformer.h.") or p.dim() < 2]
+    ref_muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ref_adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() == 2], "weight_decay": 0.1},
+                                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    for _ in range(3):  # three steps, so the momentum buffers count too
+        opt.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        opt.step()
+        twin.zero_grad(set_to_none=True)
+        twin(x, y)[1].backward()
+        for n, ts in parts.items():
+            for t, g in zip(ts, ref[n].grad.chunk(3)):
+                t.grad = g
+        ref_muon.step()
+        ref_adamw.step()
+        with torch.no_grad():
+            for n, ts in parts.items():
+                ref[n].copy_(torch.cat(ts))
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, ref[n], atol=1e-6), n
+        assert not torch.equal(p, init[n]), n
+
+
+def test_muon_resume_is_exact_and_the_checkpoint_holds_both_optimizers(tmp_path):
+    args = TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "6", "--checkpoint_interval", "3",
+                          "--eval_interval", "2"]
+    full = tmp_path / "full"
+    main(args + ["--log_dir", str(full)])
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(full / "model_000003.pt", cut)
+    (cut / "log.txt").write_text("".join(l for l in open(full / "log.txt") if int(l.split()[0]) < 3))
+    main(args + ["--log_dir", str(cut), "--resume"])
+    assert read_log(cut / "log.txt", "train") == read_log(full / "log.txt", "train")
+    assert read_log(cut / "log.txt", "val") == read_log(full / "log.txt", "val")
+    a, b = torch.load(full / "model_000006.pt"), torch.load(cut / "model_000006.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # Muon's momentum buffers (2 layers x 4 matrices, c_attn as q, k, v: 12) and AdamW's moments are saved
+    muon, adamw = a["optimizer"]["muon"], a["optimizer"]["adamw"]
+    assert len(muon["state"]) == 12 and all("momentum_buffer" in s for s in muon["state"].values())
+    assert all("exp_avg_sq" in s for s in adamw["state"].values()) and len(adamw["state"]) > 0
+    assert a["model"].keys() == GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).state_dict().keys()
+
+
+def test_muon_group_follows_the_same_schedule_from_its_own_peak(tmp_path):
+    log = tmp_path / "log"
+    main(TINY + ["--optimizer", "muon", "--muon_lr", "0.02", "--data", str(ROOT / "input.txt"), "--max_steps", "5",
+                 "--min_lr", "1e-4", "--log_dir", str(log)])
+    opt = torch.load(log / "model_000005.pt")["optimizer"]
+    ratio = get_lr(4, 1e-3, 1e-4, 3, 5) / 1e-3  # the lr of the last step (4) over --max_lr
+    assert opt["muon"]["param_groups"][0]["lr"] == pytest.approx(0.02 * ratio)
+    assert [g["lr"] for g in opt["adamw"]["param_groups"]] == pytest.approx([1e-3 * ratio] * 2)
+    assert opt["muon"]["param_groups"][0]["adjust_lr_fn"] == "match_rms_adamw"
+    # the log has the same streams and formats as AdamW's
+    lines = (log / "log.txt").read_text().splitlines()
+    assert [l.split()[1] for l in lines] == ["val", "train", "train", "train", "train", "val", "train"]
+
+
+def test_muon_with_grad_accumulation_equals_one_big_batch(tmp_path):
+    base = TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "4", "--eval_interval", "3"]
+    main(base + ["--batch_size", "8", "--log_dir", str(tmp_path / "big")])  # accum 1
+    main(base + ["--batch_size", "2", "--log_dir", str(tmp_path / "small")])  # accum 4
+    for stream in ("train", "val"):
+        big, small = read_log(tmp_path / "big" / "log.txt", stream), read_log(tmp_path / "small" / "log.txt", stream)
+        assert big.keys() == small.keys() and max(abs(big[s] - small[s]) for s in big) <= 1e-5
+
+
+def test_muon_checkpoint_exports_to_transformers_with_identical_logits(tmp_path):
+    from transformers import GPT2LMHeadModel
+    from train_gpt2 import GPT2_VOCAB, load_model
+    log = tmp_path / "log"
+    main(TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--log_dir", str(log)])
+    main(["--log_dir", str(log), "--export", str(tmp_path / "hf")])
+    ours = load_model(str(log / "model_000003.pt")).eval()
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, GPT2_VOCAB, (2, 32))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0][..., :GPT2_VOCAB]).abs().max().item() <= 1e-4
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
+    # (bad values of the Muon flags are in BAD_FLAGS)
+    log = tmp_path / "log"
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--log_dir", str(log)]
+    main(base)
+    saved = (log / "model_000002.pt").read_bytes()
+    resume = base + ["--resume", "--max_steps", "4"]
+    expect_error(resume + MUON, "trained with --optimizer adamw")
+    assert (log / "model_000002.pt").read_bytes() == saved
+    main(resume + ["--no-muon_split_qkv"])  # a Muon-only flag does not matter to an AdamW run
+    muon_log = tmp_path / "muon"
+    main(TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--log_dir", str(muon_log)])
+    again = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "4", "--log_dir", str(muon_log), "--resume"]
+    expect_error(again, "trained with --optimizer muon --muon_split_qkv")
+    expect_error(again + MUON + ["--no-muon_split_qkv"], "trained with --optimizer muon --muon_split_qkv")
+
+
+@pytest.mark.slow
+def test_muon_torchrun_two_processes_match_one_process(tmp_path):
+    args = TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "8", "--eval_interval", "4"]
+    r = run_script(args + ["--log_dir", "single"], cwd=tmp_path)  # accum 2
+    assert r.returncode == 0, r.stderr
+    r = run_script(args + ["--log_dir", "ddp"], cwd=tmp_path,  # accum 1 on each of 2 ranks
+                   launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert r.returncode == 0, r.stderr
+    assert "2 process(es)" in r.stdout and "accum=1" in r.stdout
+    for stream in ("train", "val"):
+        single, ddp = (read_log(tmp_path / d / "log.txt", stream) for d in ("single", "ddp"))
+        assert single.keys() == ddp.keys() and max(abs(single[s] - ddp[s]) for s in single) <= 1e-5
+    assert len(read_log(tmp_path / "single" / "log.txt", "train")) == 8
+
+
+@pytest.mark.slow
+def test_muon_compiled_run_matches_eager(tmp_path):
+    args = TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--eval_interval", "2"]
+    r = run_script(args + ["--compile", "--log_dir", "compiled"], cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "compile True" in r.stdout
+    main(args + ["--log_dir", str(tmp_path / "eager")])
+    # compiled kernels round differently (~1e-6); val is logged to 4 decimals, so it may differ by one unit
+    for stream, tol in (("train", 1e-4), ("val", 2e-4)):
+        eager, compiled = (read_log(tmp_path / d / "log.txt", stream) for d in ("eager", "compiled"))
+        assert eager.keys() == compiled.keys() and max(abs(eager[s] - compiled[s]) for s in eager) <= tol
