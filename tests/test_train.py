@@ -612,7 +612,7 @@ def test_muon_group_follows_the_same_schedule_from_its_own_peak(tmp_path):
     assert opt["muon"]["param_groups"][0]["adjust_lr_fn"] == "match_rms_adamw"
     # the log has the same streams and formats as AdamW's
     lines = (log / "log.txt").read_text().splitlines()
-    assert [l.split()[1] for l in lines] == ["val", "train", "train", "train", "train", "val", "train"]
+    assert [l.split()[1] for l in lines] == ["tokens_per_step", "val", "train", "train", "train", "train", "val", "train"]
 
 
 def test_muon_with_grad_accumulation_equals_one_big_batch(tmp_path):
