@@ -32,6 +32,11 @@ def read_log(path, stream):
     return {int(step): float(value) for step, s, value in rows if s == stream}
 
 
+def assert_same_weights(ckpt_a, ckpt_b):
+    a, b = torch.load(ckpt_a)["model"], torch.load(ckpt_b)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def make_shards(folder, docs_per_shard, seed=0, prefix="test"):
     """Shards whose non-EOT tokens are all distinct, so a token's count says how often it was read."""
     rng = np.random.default_rng(seed)
@@ -209,8 +214,7 @@ def test_resume_is_exact(tmp_path):
     (cut / "log.txt").write_text("\n".join(before + after) + "\n6 tra")
     main(args + ["--log_dir", str(cut), "--resume"])
     assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()  # each step once, same values
-    a, b = torch.load(full / "model_000008.pt"), torch.load(cut / "model_000008.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert_same_weights(full / "model_000008.pt", cut / "model_000008.pt")
 
 
 def test_training_loop_equals_a_plain_synchronous_loop(tmp_path):
@@ -255,8 +259,7 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys):
     main(args + ["--log_dir", str(cut), "--resume"])
     assert f"--resume: no checkpoint (model_*.pt) in '{cut}' yet: starting from step 0" in capsys.readouterr().out
     assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()
-    a, b = torch.load(full / "model_000005.pt"), torch.load(cut / "model_000005.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert_same_weights(full / "model_000005.pt", cut / "model_000005.pt")
 
 
 # train_gpt2.py that kills itself with SIGKILL (as kill -9 would) at a chosen point: right after it logs
@@ -296,8 +299,7 @@ def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_
     assert r.returncode == 0, r.stderr
     assert "resuming at step 8" in r.stdout
     assert (tmp_path / "run" / "log.txt").read_text() == (tmp_path / "full" / "run" / "log.txt").read_text()
-    a, b = (torch.load(tmp_path / d / "run" / "model_000010.pt") for d in ("full", "."))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert_same_weights(tmp_path / "full" / "run" / "model_000010.pt", tmp_path / "run" / "model_000010.pt")
 
 
 def free_port():
