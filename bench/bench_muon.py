@@ -2,7 +2,7 @@
 AdamW against Muon (train_gpt2.py --optimizer muon) at equal tokens, on the same model and data: the final
 val loss of each, the tokens each needs to reach AdamW's final val loss, and ms per training step.
 
-    python bench/bench_muon.py     # smoke: 30 steps at the README's best lrs, ~2 min on an idle 2-core CPU
+    python bench/bench_muon.py     # smoke: 30 steps at the README's best lrs, 1.5 min on an idle 2-core CPU
     python bench/bench_muon.py --steps 100 --adamw_lrs 1e-3,2e-3,4e-3,8e-3 --muon_lrs 4e-3,8e-3,1.6e-2 \\
         --fused_lrs 8e-3 --jobs 4 --timing_reps 10 --timing_widths 128,256 --plot bench/muon_vs_adamw.png
 
