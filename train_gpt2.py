@@ -580,7 +580,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw (the recipe) or muon
     muon_lr: float = None  # Muon's peak lr, on the same schedule; default max_lr (Liu et al. 2025: update RMS matched to AdamW's)
     muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov), Keller Jordan's value
-    muon_split_qkv: bool = True  # orthogonalise c_attn's q, k, v apart: lower val loss than the fused matrix, see README
+    muon_split_qkv: bool = True  # orthogonalise c_attn's q, k, v apart: no worse than the fused matrix here (within noise), see README
 
 
 @dataclass
