@@ -2,6 +2,8 @@
 The GPU paths, checked on a machine without a GPU: CUDA is faked where the code only asks torch about it, and
 bench/gpu_check.py, which a GPU session runs for real, runs here on the CPU with a tiny model so it cannot rot.
 """
+import contextlib
+import re
 import subprocess
 import sys
 
@@ -101,3 +103,46 @@ def test_gpu_check_passes_on_cpu_with_a_tiny_model():
     assert lines[-1] == "6 passed, 0 failed", r.stdout
     assert [line.split()[1] for line in lines if line.startswith("PASS")] == \
         ["train", "resume", "torchrun", "sample", "export", "hellaswag"]
+
+
+def _grads_of(model, forward, x, y, autocast):
+    model.zero_grad(set_to_none=True)
+    with autocast:
+        loss = forward(x, y)[1]
+    (loss / 4).backward()  # scaled, as gradient accumulation over 4 micro-steps scales it
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_linear_cross_entropy_equals_the_models_loss_and_gradients(dtype):
+    # bench/bench_train.py's fusedce variant: lm_head + the loss in row chunks, gradients made in the forward.
+    # Oracle: GPT.forward's logits and F.cross_entropy, on the same weights and batch, ignored targets included.
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_train import fused_ce_forward
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 50257, (3, 16)), torch.randint(0, 50257, (3, 16))
+    y[2, 5:] = -1  # a padded val batch's rows
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16 matmuls whose sums are rounded per chunk vs once
+    ref_loss, ref = _grads_of(model, model, x, y, autocast)
+    for forward in (fused_ce_forward(model, 4), torch.compile(fused_ce_forward(model, 3), fullgraph=True)):
+        loss, got = _grads_of(model, forward, x, y, autocast)
+        assert abs(loss - ref_loss) <= tol * ref_loss
+        for k in ref:  # lm_head.weight is the tied wte: its gradient sums the embedding's and the classifier's
+            assert (got[k] - ref[k]).norm() <= tol * ref[k].norm(), k
+
+
+@pytest.mark.slow
+def test_bench_train_runs_every_variant_with_the_same_losses_on_cpu():
+    # bench/bench_train.py is the GPU session's second run; here its variants must build, and from the same
+    # init on the same batches give the flash variant's losses
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--device", "cpu", "--tiny",
+                        "--steps", "2", "--rounds", "1", "--loop_steps", "4"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    diffs = re.findall(r"^(\S+) vs flash: .* max \|diff\| (\S+)", r.stdout, re.M)
+    assert [v for v, _ in diffs] == ["cudnn", "fusedce", "cudnn+fusedce"], r.stdout
+    assert all(float(d) <= 1e-5 for _, d in diffs), r.stdout
+    assert re.search(r"^loop \(train_gpt2.py, steps 2-3\): \d+ ms/step.*loop / model step = [\d.]+$", r.stdout, re.M)
+    assert "in eval + no_grad" in r.stdout and "ms by kind" in r.stdout
