@@ -258,6 +258,7 @@ def main():
         torch._dynamo.reset()
         if cuda:
             torch.cuda.empty_cache()
+            print(f"\nGPU memory this process still holds: {torch.cuda.memory_reserved(device) / 2**30:.1f} GiB")
         work = tempfile.mkdtemp(prefix="bench_train_")
         shards = os.path.join(work, "shards")
         subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--input", os.path.join(ROOT, "input.txt"),
