@@ -231,7 +231,7 @@ def main():
         first, (_, slowest) = next(iter(profiles.items()))
         print(f"slowest in {first}: " + "; ".join(f"{ms:.1f} ms {name[:70]}" for ms, name in slowest[:5]))
         for k, (_, kernels) in profiles.items():
-            names = sorted({n for _, n in kernels if re.search(KINDS[0][1], n, re.I)})
+            names = sorted({n for _, n in kernels if re.search(dict(KINDS)["attention"], n, re.I)})
             print(f"attention kernels in {k}: {', '.join(n[:60] for n in names[:3]) or '-'}")
 
     if args.val and base:
@@ -254,7 +254,7 @@ def main():
         # the loop is another process that needs the GPU's memory: give back this one's (models, optimizer
         # states, the allocator's cache)
         variants.clear()
-        base = profiles = None
+        base = None
         gc.collect()
         torch._dynamo.reset()
         if cuda:
