@@ -14,6 +14,7 @@ The last stdout line is JSON, {"examples": N, "acc": a, "acc_norm": b}, for scri
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -176,9 +177,14 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     order = sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1), reverse=True)
     num_examples = num_correct = num_correct_norm = 0
     bar = tqdm(total=len(rendered), desc="hellaswag", unit="ex", disable=not progress, dynamic_ncols=True)
+    # every rank runs as many forwards as the rank with the most examples: under FSDP each one is a collective
+    n_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
+        for start in range(0, n_batches * batch_size, batch_size):
             batch = [rendered[i] for i in order[start:start + batch_size]]
+            if not batch:
+                model(torch.zeros((1, 1), dtype=torch.long, device=device))  # for the other ranks' sake
+                continue
             # right padding is safe: under causal attention no earlier position sees it, and the
             # mask leaves it out of the losses
             T = max(t.size(1) for t, _, _ in batch)

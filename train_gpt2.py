@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -293,9 +294,11 @@ def sample_text(model, cfg, seed=42, device="cpu"):
 # checkpoints
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path):
+    # memory-mapped on the CPU: the ranks of a machine share one copy of the file in the page cache, and no GPU
+    # holds the optimizer state twice while it is loaded
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UsageError(f"checkpoint '{path}' does not exist") from None
     except Exception as e:
@@ -306,7 +309,7 @@ def load_checkpoint(path, device="cpu"):
 def load_model(name_or_path, device="cpu"):
     """Our .pt checkpoint, an HF GPT-2 name (gpt2 ... gpt2-xl) or a folder saved by transformers."""
     if os.path.isfile(name_or_path):
-        ckpt = load_checkpoint(name_or_path, device)
+        ckpt = load_checkpoint(name_or_path)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
             raise UsageError(f"'{name_or_path}' is not a train_gpt2.py checkpoint (no model/config entries)")
         model = GPT(GPTConfig(**ckpt["config"]))
@@ -395,7 +398,8 @@ class DataLoader:
         return self._tokens(epoch, int(order[i]))[start:start + self.T + 1]
 
     def batch(self, indices):
-        buf = torch.from_numpy(np.stack([self.sequence(q) for q in indices]).astype(np.int64))
+        rows = [self.sequence(q) for q in indices]  # perhaps none: a rank with no val batch left
+        buf = torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), self.T + 1))
         return buf[:, :-1], buf[:, 1:]  # inputs (B, T), targets (B, T)
 
     def step_batches(self, step, accum, rank, world, B, pin_memory=False):
@@ -571,6 +575,7 @@ class TrainConfig:
     sample_interval: int = 250
     checkpoint_interval: int = 5000
     resume: bool = False  # continue from the newest checkpoint in log_dir
+    fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
     init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
     compile: bool = None  # default: on for CUDA
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -594,7 +599,28 @@ class SampleConfig:
     export: str = None  # write --init_from (or the newest checkpoint) as a transformers folder and exit
 
 
+# The GPT-2 family (Radford et al. 2019, table 2) with the recipes of the runs that reproduced it: llm.c's run
+# scripts (scripts/run_gpt2_{350M,774M,1558M}.sh) and the GPT-3 paper's table 2.1 (Brown et al. 2020) for the
+# GPT-3 models of the same size. Each wants more tokens than sample-10BT holds, so they read FineWeb-Edu
+# sample-100BT: `python fineweb.py --name sample-100BT --output_dir edu_fineweb100B`. batch_size is the micro-batch
+# that fits an 80 GB GPU under DDP (README: the family's table); accumulation fills total_batch_size either way.
+FAMILY_DATA = "edu_fineweb100B"
 PRESETS = {
+    # 124M: the defaults of GPTConfig and TrainConfig are its recipe (GPT-3 Small's lr and batch, 10B tokens)
+    "gpt2": {},
+    # 350M: llm.c's run, lr 3e-4 (= GPT-3 Medium's), 60,000 steps of 524,288 tokens (31.5B), 700 warmup steps,
+    # cosine to 0 (llm.c -q 0.0)
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr=0.0, warmup_steps=700,
+                        max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium"),
+    # 774M: lr 2.5e-4 (GPT-3 Large's, and llm.c's), 524,288 tokens/step, 700 warmup steps, cosine to 0. llm.c ran
+    # 286,102 steps (150B tokens: more than sample-100BT holds, 5.6 days on 8xA100); we take XL's 32B tokens so the
+    # family compares at equal data (--max_steps 286102 for llm.c's run)
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, min_lr=0.0, warmup_steps=700,
+                       max_steps=61035, batch_size=16, data=FAMILY_DATA, log_dir="log_gpt2-large"),
+    # 1558M: llm.c's 24-hour run on one 8xH100 node: lr 6e-4 (3x GPT-3 XL's 2e-4: llm.c's choice, which trained
+    # fine), 32,000 steps of 1,048,576 tokens (33.6B; GPT-3 XL's batch is 1M too), 700 warmup steps, cosine to 0.1x
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
+                    total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
     # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
     "shakespeare": dict(data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt"),
                         log_dir="log_shakespeare", n_layer=6, n_head=4, n_embd=128, block_size=128,
@@ -630,6 +656,10 @@ def check_config(model_cfg, cfg, sample_cfg):
     need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
     need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "auto, float32 or bfloat16")
+    if cfg.fsdp and cfg.optimizer == "muon":
+        # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
+        raise UsageError("--optimizer muon does not run with --fsdp (each rank holds only slices of the matrices "
+                         "Muon orthogonalises): use --optimizer adamw with --fsdp, or Muon without --fsdp")
 
 
 def best_device():
@@ -656,16 +686,20 @@ def resolve_device(device_arg, local_rank=0):
     return device
 
 
-def setup_distributed(device_arg):
-    """Rank, world size and device; under torchrun, also the process group."""
-    ddp = "RANK" in os.environ  # set by torchrun
+def setup_distributed(device_arg, fsdp=False):
+    """(distributed, rank, world size, device). Under torchrun, and for --fsdp, also the process group."""
+    torchrun = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = resolve_device(device_arg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return ddp, rank, world, device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if torchrun:
+        dist.init_process_group(backend=backend)
+    elif fsdp:
+        # FSDP2 shards over a process group even in one process: a group of one, no rendezvous needed
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.is_initialized(), rank, world, device
 
 
 def keep_freed_memory():
@@ -680,19 +714,44 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
 
 
-def all_reduce(t, ddp):
-    if ddp:
+def all_reduce(t, distributed):
+    if distributed:
         dist.all_reduce(t)  # SUM: gloo has no AVG
     return t
 
 
-def accumulate_gradients(model, batches, autocast, ddp):
+def wrap_model(raw_model, parallel, use_compile, dtype, device):
+    """(the model the step runs, the model val runs). parallel: None, "ddp" or "fsdp".
+
+    Compile comes before DDP or sharding (as in torchtitan): DDP wraps the compiled graph, and FSDP2's hooks,
+    which Dynamo cannot trace, stay eager around each compiled block. fully_shard changes raw_model in place:
+    under FSDP every forward of it, sampling and HellaSwag included, is a collective of all ranks."""
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16 weights for the matmuls (as autocast gives DDP), fp32 gradients reduced and fp32 masters stepped
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                                  reduce_dtype=torch.float32)
+        for block in raw_model.transformer.h:
+            if use_compile:
+                block.forward = torch.compile(block.forward, fullgraph=True)  # keeps the state_dict keys
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw_model, mp_policy=mp)  # the rest, one unit: wte (= the tied lm_head), wpe, ln_f
+        return raw_model, raw_model
+    compiled = torch.compile(raw_model, fullgraph=True) if use_compile else raw_model  # a graph break is an error
+    if parallel == "ddp":
+        return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None), compiled
+    return compiled, compiled
+
+
+def accumulate_gradients(model, batches, autocast, parallel=None):
     """Forward and backward over micro-batches; returns the mean loss. The gradients equal one big batch's."""
     loss_sum = 0.0
     for i, (x, y) in enumerate(batches):
-        # DDP all-reduces gradients only after the last micro-step's backward; set before the forward
-        sync = not ddp or i == len(batches) - 1
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+        # DDP and FSDP reduce gradients only in the last micro-step's backward; set before the forward
+        sync = i == len(batches) - 1
+        if parallel == "fsdp":
+            model.set_requires_gradient_sync(sync)
+        with (model.no_sync() if parallel == "ddp" and not sync else contextlib.nullcontext()), autocast:
             _, loss = model(x, y)
             loss = loss / len(batches)  # the sum over micro-steps becomes the mean of the big batch
             loss.backward()
@@ -700,14 +759,21 @@ def accumulate_gradients(model, batches, autocast, ddp):
     return loss_sum
 
 
-def evaluate_val(model, loader, cfg, rank, world, device, autocast, ddp):
+def clip_grad_norm(params, max_norm):
+    """The total gradient norm before clipping, as a plain tensor (under FSDP clip_grad_norm_ returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)  # 0: off (max_norm 0 would zero the grads)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=False):
     # The training graph as it is, autograd on, never backpropagated: GPT-2 here has no dropout, so train mode
     # computes the same loss, and under torch.compile eval mode or no_grad would compile a second graph
     # (33 s for 124M on an H200). The autograd graph of each batch is freed with its loss.
     n_seqs = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch)
     mine = list(range(rank, n_seqs, world))
     total = torch.zeros(2, device=device)  # sum of per-token losses, number of tokens
-    for i in range(0, len(mine), cfg.batch_size):
+    # every rank runs the same number of batches, some perhaps empty: under FSDP each forward is a collective
+    for i in range(0, math.ceil(n_seqs / world), cfg.batch_size):
         x, y = loader.batch(mine[i:i + cfg.batch_size])
         n_tokens = y.numel()
         # a short last batch is padded to the compiled shape (a new shape would compile again); its -1
@@ -716,9 +782,10 @@ def evaluate_val(model, loader, cfg, rank, world, device, autocast, ddp):
         x, y = F.pad(x, pad).to(device), F.pad(y, pad, value=-1).to(device)
         with autocast:
             _, loss = model(x, y)
-        total[0] += loss.detach() * n_tokens
-        total[1] += n_tokens
-    total = all_reduce(total, ddp)
+        if n_tokens:  # an empty batch's loss is nan (a mean over no tokens)
+            total[0] += loss.detach() * n_tokens
+            total[1] += n_tokens
+    total = all_reduce(total, distributed)
     return (total[0] / total[1]).item()
 
 
@@ -727,11 +794,42 @@ def find_checkpoint(log_dir):
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(path, raw_model, optimizer, step, cfg, device):
+def gathered(state, keep, _seen=None):
+    """A (model or optimizer) state dict with FSDP2's DTensors gathered into whole tensors on the CPU, one at a
+    time, so no GPU ever holds the whole state; `keep` False (every rank but 0) joins the gathers and drops
+    them. The checkpoint is then the same whatever the sharding or the world size."""
+    seen = {} if _seen is None else _seen  # the tied wte / lm_head weight is gathered and saved once
+    if isinstance(state, dict):
+        return {k: gathered(v, keep, seen) for k, v in state.items()}
+    if isinstance(state, DTensor):
+        if id(state) not in seen:
+            full = state.full_tensor()
+            seen[id(state)] = full.cpu() if keep else None
+        return seen[id(state)]
+    return state
+
+
+def sharded_like(optimizer_state, optimizer):
+    """A checkpoint's (whole) optimizer state, its moments cut into the shards of this optimizer's FSDP2
+    parameters; unchanged for unsharded parameters. The state's keys are indices into the param groups."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in optimizer_state["state"].items():
+        p = params[i]
+        if isinstance(p, DTensor):
+            for k, v in s.items():
+                if v.shape == p.shape:  # exp_avg, exp_avg_sq; not the scalar step
+                    # every rank read the same checkpoint: each takes its own shard, no communication
+                    s[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return optimizer_state
+
+
+def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master):
+    """Called on every rank (under FSDP the gather is a collective); rank 0 writes."""
     ckpt = {
-        "model": raw_model.state_dict(),  # the raw module: no _orig_mod. (compile) or module. (DDP) prefixes
+        # the raw module: no _orig_mod. (compile) or module. (DDP) prefixes
+        "model": gathered(raw_model.state_dict(), master),
         "config": asdict(raw_model.config),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": gathered(optimizer.state_dict(), master),
         "step": step,  # steps done; the next step to run
         "args": asdict(cfg),
         # the loader is a pure function of (step, seed, shuffle): these make its position explicit
@@ -739,9 +837,10 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device):
         "rng": {"cpu": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
     }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
+    if master:
+        tmp = path + ".tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
 
 
 class Logger:
@@ -781,35 +880,18 @@ class Logger:
 
 
 def train(cfg, model_cfg, sample_cfg):
-    ddp, rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
+    distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp)
     try:
-        _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master)
+        _train(cfg, model_cfg, sample_cfg, distributed, rank, world, device)
+        if distributed:
+            dist.barrier()  # every rank done before the group goes: gloo could otherwise abort a rank at exit
     finally:
-        if ddp:
+        if distributed:
             dist.destroy_process_group()
 
 
-def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
-    min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    B, T = cfg.batch_size, cfg.seq_len
-    if cfg.total_batch_size % (B * T * world):
-        ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
-        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
-                         f"world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
-    accum = cfg.total_batch_size // (B * T * world)
-
-    torch.manual_seed(cfg.seed)
-    if device.type == "cpu":
-        keep_freed_memory()
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
-
-    # resume, or a fresh run that must not clobber an old one
+def find_run(cfg, model_cfg, master):
+    """The checkpoint to resume (checked against the flags), or None for a fresh run that clobbers nothing."""
     ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
     if cfg.resume and ckpt_path is None and master:
         # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
@@ -817,74 +899,116 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
     if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
         raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
                          "or a new --log_dir (or delete the folder) to start afresh")
+    if ckpt_path is None:
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("config") != asdict(model_cfg):
+        raise UsageError(f"{ckpt_path} is a model of shape {ckpt.get('config')}, not {asdict(model_cfg)}; "
+                         "pass the flags of that run or another --log_dir")
+    # the data order depends on these (not on batch_size, the number of GPUs or --fsdp, which may change)
+    changed = [k for k in ("seed", "shuffle", "seq_len", "total_batch_size", "data") if ckpt["args"][k] != getattr(cfg, k)]
+    if changed:
+        raise UsageError(f"{ckpt_path} was trained with " + ", ".join(f"--{k} {ckpt['args'][k]}" for k in changed)
+                         + "; resume with the same values (or start a new --log_dir)")
+    # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
+    opt, split = ckpt["args"].get("optimizer", "adamw"), ckpt["args"].get("muon_split_qkv", True)
+    if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
+        flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
+        raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
+    return ckpt
 
-    train_shards, val_shards = find_data(cfg.data)
 
-    # the model
-    if ckpt_path:
-        ckpt = load_checkpoint(ckpt_path, device)
-        if ckpt.get("config") != asdict(model_cfg):
-            raise UsageError(f"{ckpt_path} is a model of shape {ckpt.get('config')}, not {asdict(model_cfg)}; "
-                             "pass the flags of that run or another --log_dir")
-        # the data order depends on these (not on batch_size or the number of GPUs, which may change)
-        changed = [k for k in ("seed", "shuffle", "seq_len", "total_batch_size", "data") if ckpt["args"][k] != getattr(cfg, k)]
-        if changed:
-            raise UsageError(f"{ckpt_path} was trained with " + ", ".join(f"--{k} {ckpt['args'][k]}" for k in changed)
-                             + "; resume with the same values (or start a new --log_dir)")
-        # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
-        opt, split = ckpt["args"].get("optimizer", "adamw"), ckpt["args"].get("muon_split_qkv", True)
-        if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
-            flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
-            raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
-        raw_model = GPT(model_cfg)
-        raw_model.load_state_dict(ckpt["model"])
+def build_model(cfg, model_cfg, ckpt):
+    """The unsharded model on the CPU: the checkpoint's weights, --init_from's, or a seeded init."""
+    if ckpt:
+        model = GPT(model_cfg)
+        model.load_state_dict(ckpt["model"])
     elif cfg.init_from:
-        raw_model = load_model(cfg.init_from)
-        model_cfg = raw_model.config
+        model = load_model(cfg.init_from)
     else:
-        raw_model = GPT(model_cfg)
-    if T > raw_model.config.block_size:
-        raise UsageError(f"--seq_len {T} is longer than the model's block_size {raw_model.config.block_size}")
-    raw_model.to(device)
+        model = GPT(model_cfg)
+    if cfg.seq_len > model.config.block_size:
+        raise UsageError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model.config.block_size}")
+    return model
 
-    # the data; the model's vocab_size bounds its token ids
+
+def load_hellaswag(cfg, master):
+    if not cfg.hellaswag:
+        return None
+    import hellaswag
+    try:
+        return hellaswag.load_examples("val", data=cfg.hellaswag_data)
+    except UsageError as e:
+        if master:
+            print(f"HellaSwag skipped: {e}", flush=True)
+        return None
+
+
+def evaluate_hellaswag(raw_model, examples, rank, world, device, dtype, distributed):
+    """(correct by acc_norm, examples) over all ranks, each scoring its share with the uncompiled model."""
+    import hellaswag  # imported here: hellaswag.py imports this file
+    with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
+        n, _, n_norm = hellaswag.evaluate(raw_model, examples, device, rank=rank, world_size=world,
+                                          autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+    counts = all_reduce(torch.tensor([n_norm, n], dtype=torch.long, device=device), distributed)
+    return tuple(counts.tolist())
+
+
+def restore_state(ckpt, optimizer, device, sharded):
+    """The optimizer state and the RNGs of a checkpoint; returns the step to continue from."""
+    optimizer.load_state_dict(sharded_like(ckpt["optimizer"], optimizer) if sharded else ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+    return ckpt["step"]
+
+
+def _train(cfg, model_cfg, sample_cfg, distributed, rank, world, device):
+    master = rank == 0
+    min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    # DDP only where there is another rank to average with: on one GPU under torchrun it would copy every
+    # gradient into its buckets for nothing. FSDP shards over any number of ranks, one included.
+    parallel = "fsdp" if cfg.fsdp else "ddp" if world > 1 else None
+    B, T = cfg.batch_size, cfg.seq_len
+    if cfg.total_batch_size % (B * T * world):
+        ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
+        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
+                         f"world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
+    accum = cfg.total_batch_size // (B * T * world)
+    torch.manual_seed(cfg.seed)  # the same init on every rank: FSDP shards it, DDP checks it
+    if device.type == "cpu":
+        keep_freed_memory()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+
+    ckpt = find_run(cfg, model_cfg, master)
+    train_shards, val_shards = find_data(cfg.data)
+    raw_model = build_model(cfg, model_cfg, ckpt).to(device)
+    # the model's vocab_size bounds the data's token ids
     train_loader = DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle)
     val_loader = DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)
-    hella_examples = None
-    if cfg.hellaswag:
-        import hellaswag  # imported here: hellaswag.py imports this file
-        try:
-            hella_examples = hellaswag.load_examples("val", data=cfg.hellaswag_data)
-        except UsageError as e:
-            if master:
-                print(f"HellaSwag skipped: {e}", flush=True)
-
-    # eval runs the compiled model too; HellaSwag (ragged shapes) and sampling (KV cache) run the raw one
-    compiled = torch.compile(raw_model, fullgraph=True) if use_compile else raw_model  # a graph break is an error
-    # DDP only where there is another rank to average with: on one GPU under torchrun it would copy every
-    # gradient into its buckets for nothing
-    wrap = ddp and world > 1
-    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if wrap else compiled
+    hella_examples = load_hellaswag(cfg, master)
+    # val runs the compiled model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
+    model, eval_model = wrap_model(raw_model, parallel, use_compile, dtype, device)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer, cfg.muon_lr,
                                     cfg.muon_momentum, cfg.muon_split_qkv)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # read before a checkpoint's state replaces them
-    start_step = 0
-    if ckpt_path:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        del ckpt
+    start_step = restore_state(ckpt, optimizer, device, parallel == "fsdp") if ckpt else 0
+    del ckpt
 
     os.makedirs(cfg.log_dir, exist_ok=True)
     log = Logger(cfg.log_dir, master)
     log.start_at(start_step, cfg.total_batch_size)
     flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
     peak = peak_flops(device)
-    log.print(f"{raw_model.num_params():,} parameters | {world} process(es) on {device} | {dtype} | compile "
-              f"{use_compile} | B={B} T={T} accum={accum} | {cfg.total_batch_size:,} tokens/step | "
-              f"{train_loader.seqs_per_epoch * T:,} train tokens" + (f" | resuming at step {start_step}" if ckpt_path else ""))
+    log.print(f"{raw_model.num_params():,} parameters | {world} process(es) on {device}"
+              f"{f' ({parallel.upper()})' if parallel else ''} | {dtype} | compile {use_compile} | B={B} T={T} "
+              f"accum={accum} | {cfg.total_batch_size:,} tokens/step | {train_loader.seqs_per_epoch * T:,} train tokens"
+              + (f" | resuming at step {start_step}" if start_step else ""))
 
     # the next step's batches are cut from the shards (numpy: 30-60 ms for 524,288 tokens on a 2-core CPU) in a
     # background thread while the GPU runs this step; they are the same pure function of the step as without it
@@ -896,18 +1020,16 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
     for step in range(start_step, cfg.max_steps):
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate_val(compiled, val_loader, cfg, rank, world, device, autocast, ddp)
+            val_loss = evaluate_val(eval_model, val_loader, cfg, rank, world, device, autocast, distributed)
             log.print(f"step {step:5d} | val loss {val_loss:.4f}")
             log.log(step, "val", val_loss, ".4f")
             if hella_examples is not None:
-                n, _, n_norm = hellaswag.evaluate(raw_model, hella_examples, device, rank=rank, world_size=world,
-                                                  autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
-                counts = all_reduce(torch.tensor([n, n_norm], dtype=torch.long, device=device), ddp)
-                acc = counts[1].item() / counts[0].item()
-                log.print(f"step {step:5d} | HellaSwag acc_norm {counts[1].item()}/{counts[0].item()} = {acc:.4f}")
-                log.log(step, "hella", acc, ".4f")
-        if master and ((step > 0 and step % cfg.sample_interval == 0) or last):
-            with autocast:
+                correct, total = evaluate_hellaswag(raw_model, hella_examples, rank, world, device, dtype, distributed)
+                log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}")
+                log.log(step, "hella", correct / total, ".4f")
+        # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
+        if (master or parallel == "fsdp") and ((step > 0 and step % cfg.sample_interval == 0) or last):
+            with autocast, torch.compiler.set_stance("force_eager"):
                 texts = sample_text(raw_model, sample_cfg, seed=42, device=device)
             log.print("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
 
@@ -916,8 +1038,8 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
         if step + 1 < cfg.max_steps:
             next_batches = prefetcher.submit(load_step, step + 1)
         optimizer.zero_grad(set_to_none=True)
-        loss = all_reduce(accumulate_gradients(model, list(zip(x, y)), autocast, wrap), ddp) / world
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)  # 0: off (max_norm 0 would zero the grads)
+        loss = all_reduce(accumulate_gradients(model, list(zip(x, y)), autocast, parallel), distributed) / world
+        norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip)
         lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = lr * (peak_lr / cfg.max_lr)  # one warmup + cosine shape; Muon's group has its own peak
@@ -937,8 +1059,9 @@ def _train(cfg, model_cfg, sample_cfg, ddp, rank, world, device, master):
                   f"{dt * 1000:.0f} ms | {cfg.total_batch_size / dt:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min")
         log.log(step, "train", loss, ".6f")
 
-        if master and ((step + 1) % cfg.checkpoint_interval == 0 or last):
-            save_checkpoint(os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt"), raw_model, optimizer, step + 1, cfg, device)
+        if (step + 1) % cfg.checkpoint_interval == 0 or last:
+            save_checkpoint(os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt"), raw_model, optimizer, step + 1, cfg,
+                            device, master)
     prefetcher.shutdown()
     if device.type == "cuda":
         log.print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")

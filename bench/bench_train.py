@@ -177,7 +177,7 @@ def main():
 
         def step(compiled=compiled, raw=raw, opt=opt):
             opt.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(compiled, list(zip(xs, ys)), autocast, ddp=False)
+            loss = accumulate_gradients(compiled, list(zip(xs, ys)), autocast)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
             opt.step()
             return loss.item()  # the one host sync, as in the loop

@@ -87,11 +87,11 @@ def test_grad_accumulation_equals_one_big_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
     x, y = torch.randint(0, 128, (8, 16)), torch.randint(0, 128, (8, 16))
-    big_loss = accumulate_gradients(model, [(x, y)], torch.autocast("cpu", enabled=False), ddp=False)
+    big_loss = accumulate_gradients(model, [(x, y)], torch.autocast("cpu", enabled=False))
     big = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     small_loss = accumulate_gradients(model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)],
-                                      torch.autocast("cpu", enabled=False), ddp=False)
+                                      torch.autocast("cpu", enabled=False))
     assert small_loss.item() == pytest.approx(big_loss.item(), abs=1e-6)
     for a, b in zip(big, (p.grad for p in model.parameters())):
         assert torch.allclose(a, b, atol=1e-6)
@@ -513,7 +513,7 @@ def test_val_loss_with_a_short_last_batch_is_the_mean_over_every_token(tmp_path)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
     cfg = SimpleNamespace(val_tokens=7 * 16, seq_len=16, batch_size=3)
-    got = evaluate_val(model, loader, cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext(), ddp=False)
+    got = evaluate_val(model, loader, cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext())
     x, y = loader.batch(range(7))
     with torch.no_grad():
         assert got == pytest.approx(model(x, y)[1].item(), abs=1e-6)

@@ -1,0 +1,202 @@
+"""
+--fsdp (FSDP2: parameters, gradients and AdamW's state sharded over the ranks) against the oracle of one process
+without it, on CPU with gloo; the GPT-2 family's presets against transformers' parameter counts.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hellaswag
+from conftest import ROOT
+from test_train import TINY, expect_error, read_log, run_script
+from train_gpt2 import GPT, GPT2_VOCAB, PRESETS, DataLoader, GPTConfig, evaluate_val, load_model, main, parse_args
+
+FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# accumulation 2 on each of 2 ranks (4 in one process); 9 val sequences, so rank 0 has a val batch more than
+# rank 1, and HellaSwag split over the ranks: under FSDP a rank that runs fewer forwards would hang the others
+ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--total_batch_size", "512", "--max_steps", "8",
+               "--eval_interval", "4", "--val_tokens", "288", "--checkpoint_interval", "4", "--hellaswag",
+               "--hellaswag_data", str(FIXTURE), "--sample_interval", "4"]
+
+
+def weights(path):
+    return torch.load(path)["model"]
+
+
+def max_weight_diff(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def max_log_diff(a, b, stream):
+    a, b = read_log(a, stream), read_log(b, stream)
+    assert a.keys() == b.keys() and a
+    return max(abs(a[s] - b[s]) for s in a)
+
+
+def cut_at_step_4(run_dir, cut_dir):
+    """What a run killed right after its step-4 checkpoint leaves: that checkpoint and the log before step 4."""
+    cut_dir.mkdir()
+    shutil.copy(run_dir / "model_000004.pt", cut_dir)
+    (cut_dir / "log.txt").write_text("".join(l for l in open(run_dir / "log.txt") if int(l.split()[0]) < 4))
+    return cut_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The oracle (one process, no FSDP) and the same run with --fsdp on 2 ranks; each checkpoints at 4 and 8."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    r = run_script(ARGS + ["--log_dir", "single"], cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    r = run_script(ARGS + ["--log_dir", "fsdp", "--fsdp"], cwd=tmp, launcher=TORCHRUN_2)  # a hang fails the timeout
+    assert r.returncode == 0, r.stderr
+    assert "2 process(es) on cpu (FSDP)" in r.stdout and "accum=2" in r.stdout
+    return tmp, r.stdout
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_equals_one_process_without_it(runs):
+    tmp, stdout = runs
+    single, fsdp = tmp / "single", tmp / "fsdp"
+    assert len(read_log(single / "log.txt", "train")) == 8
+    for stream in ("train", "val"):
+        assert max_log_diff(single / "log.txt", fsdp / "log.txt", stream) <= 1e-5, stream
+    assert read_log(fsdp / "log.txt", "hella") == read_log(single / "log.txt", "hella")  # counts summed over ranks
+    assert set(read_log(fsdp / "log.txt", "hella")) == {0, 4, 7}
+    assert max_weight_diff(single / "model_000008.pt", fsdp / "model_000008.pt") <= 1e-5
+    # every rank samples under FSDP, but only rank 0 prints: samples at steps 4 and 7
+    assert stdout.count("sample 0:") == 2
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_exactly_under_fsdp_and_on_one_process(runs, tmp_path):
+    tmp, _ = runs
+    # FSDP -> FSDP: the gathered checkpoint, cut back into shards, continues bit for bit
+    cut = cut_at_step_4(tmp / "fsdp", tmp_path / "fsdp_again")
+    r = run_script(ARGS + ["--log_dir", str(cut), "--fsdp", "--resume"], cwd=tmp_path, launcher=TORCHRUN_2)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 4" in r.stdout
+    assert (cut / "log.txt").read_text() == (tmp / "fsdp" / "log.txt").read_text()
+    assert max_weight_diff(tmp / "fsdp" / "model_000008.pt", cut / "model_000008.pt") == 0
+    # FSDP on 2 ranks -> 1 process without it, and 1 process -> FSDP on 2 ranks: the oracle's steps 4-7
+    for source, flags, launcher in (("fsdp", [], None), ("single", ["--fsdp"], TORCHRUN_2)):
+        cut = cut_at_step_4(tmp / source, tmp_path / f"from_{source}")
+        r = run_script(ARGS + ["--log_dir", str(cut), "--resume"] + flags, cwd=tmp_path, launcher=launcher)
+        assert r.returncode == 0, r.stderr
+        for stream in ("train", "val"):
+            assert max_log_diff(tmp / "single" / "log.txt", cut / "log.txt", stream) <= 1e-5, (source, stream)
+        assert max_weight_diff(tmp / "single" / "model_000008.pt", cut / "model_000008.pt") <= 1e-5, source
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, capsys):
+    tmp, _ = runs
+    fsdp_ckpt, single_ckpt = tmp / "fsdp" / "model_000008.pt", tmp / "single" / "model_000008.pt"
+    idx = torch.randint(0, GPT2_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, oracle = load_model(str(fsdp_ckpt)).eval()(idx)[0], load_model(str(single_ckpt)).eval()(idx)[0]
+    assert (ours - oracle).abs().max().item() <= 1e-4
+    scores = []
+    for ckpt in (fsdp_ckpt, single_ckpt):
+        r = subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), "-m", str(ckpt), "--data", str(FIXTURE)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        scores.append(json.loads(r.stdout.splitlines()[-1]))
+    assert scores[0] == scores[1] and scores[0]["examples"] == 100
+    main(["--init_from", str(fsdp_ckpt), "--sample", "--num_samples", "1", "--max_new_tokens", "8", "--prompt", "ROMEO:"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    main(["--init_from", str(fsdp_ckpt), "--export", str(tmp_path / "hf")])
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - ours[..., :GPT2_VOCAB]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_compiled_blocks_match_eager(runs, tmp_path):
+    tmp, _ = runs
+    args = ARGS + ["--max_steps", "3", "--no-hellaswag", "--sample_interval", "2", "--block_size", "64"]
+    r = run_script(args + ["--log_dir", "compiled", "--fsdp", "--compile"], cwd=tmp_path, launcher=TORCHRUN_2,
+                   timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "compile True" in r.stdout and "sample 0:" in r.stdout  # sampling ran the compiled blocks eagerly
+    main(args + ["--log_dir", str(tmp_path / "eager")])
+    for stream, tol in (("train", 1e-4), ("val", 2e-4)):  # compiled kernels round differently; val has 4 decimals
+        assert max_log_diff(tmp_path / "eager" / "log.txt", tmp_path / "compiled" / "log.txt", stream) <= tol
+
+
+def test_fsdp_in_one_process_equals_no_fsdp(tmp_path):
+    # no torchrun: --fsdp makes a process group of one
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "4", "--eval_interval", "2"]
+    main(args + ["--log_dir", str(tmp_path / "plain")])
+    main(args + ["--log_dir", str(tmp_path / "fsdp"), "--fsdp"])
+    for stream in ("train", "val"):
+        assert max_log_diff(tmp_path / "plain" / "log.txt", tmp_path / "fsdp" / "log.txt", stream) <= 1e-6
+    assert max_weight_diff(tmp_path / "plain" / "model_000004.pt", tmp_path / "fsdp" / "model_000004.pt") <= 1e-6
+
+
+def test_muon_with_fsdp_is_a_clear_error(tmp_path):
+    expect_error(TINY + ["--data", str(ROOT / "input.txt"), "--optimizer", "muon", "--fsdp",
+                         "--log_dir", str(tmp_path / "log")], "--optimizer muon does not run with --fsdp")
+    assert not (tmp_path / "log").exists()
+
+
+class CountingModel(torch.nn.Module):
+    """A stand-in for an FSDP model: counts its forwards, which under FSDP must be the same on every rank."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def test_every_rank_runs_the_same_number_of_val_and_hellaswag_forwards(tmp_path):
+    from types import SimpleNamespace
+    from test_train import make_shards
+    make_shards(tmp_path, [60])
+    loader = DataLoader([str(tmp_path / "test_val_000000.npy")], 16, 50304, shuffle=False)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    examples = hellaswag.load_examples(data=str(FIXTURE))[:9]  # 5 for rank 0, 4 for rank 1
+    cfg = SimpleNamespace(val_tokens=9 * 16, seq_len=16, batch_size=4)  # 9 sequences: 5 and 4
+    val_calls, hella_calls, counts = [], [], []
+    for rank in range(2):
+        counting = CountingModel(model)
+        evaluate_val(counting, loader, cfg, rank, 2, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        val_calls.append(counting.calls)
+        counting.calls = 0
+        counts.append(hellaswag.evaluate(counting, examples, "cpu", batch_size=2, rank=rank, world_size=2))
+        hella_calls.append(counting.calls)
+    assert val_calls == [2, 2] and hella_calls == [3, 3]
+    assert [c[0] for c in counts] == [5, 4]  # the extra forward scores nothing
+    # and the val loss is still the mean over the 9 sequences, whatever the split
+    whole = evaluate_val(model, loader, cfg, 0, 1, "cpu", torch.autocast("cpu", enabled=False))
+    x, y = loader.batch(range(9))
+    with torch.no_grad():
+        assert whole == pytest.approx(model(x, y)[1].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_family_presets_have_transformers_parameter_counts(preset):
+    model_cfg, cfg, _ = parse_args(["--preset", preset])
+    shape = dict(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
+    assert shape == {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+                     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+                     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}[preset]
+    with torch.device("meta"):  # XL and its optimizer would not fit a CPU's memory
+        ours = GPT(model_cfg).num_params()
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=model_cfg.vocab_size, n_positions=model_cfg.block_size, **shape))
+        theirs = sum(p.numel() for p in hf.parameters())  # the tied wte / lm_head once, as ours
+    assert ours == theirs
+    # every step of the recipe fills whole micro-batches on 8 GPUs, and warmup ends before the decay does
+    assert cfg.total_batch_size % (cfg.batch_size * cfg.seq_len * 8) == 0 and cfg.warmup_steps < cfg.max_steps
+    assert preset == "gpt2" or (cfg.data == "edu_fineweb100B" and cfg.log_dir == f"log_{preset}")
