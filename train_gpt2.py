@@ -728,7 +728,9 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device):
     under FSDP every forward of it, sampling and HellaSwag included, is a collective of all ranks."""
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 weights for the matmuls (as autocast gives DDP), fp32 gradients reduced and fp32 masters stepped
+        # bf16 weights gathered for the forward and backward (half the traffic of fp32; autocast would cast them for
+        # the matmuls anyway), the gradients reduced and the fp32 masters stepped in fp32, as in torchtitan. Unlike
+        # DDP's autocast, the activations between blocks (the residual stream) are then bf16 too.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                                   reduce_dtype=torch.float32)
         for block in raw_model.transformer.h:
@@ -890,6 +892,15 @@ def train(cfg, model_cfg, sample_cfg):
             dist.destroy_process_group()
 
 
+def grad_accum_steps(cfg, world):
+    B, T = cfg.batch_size, cfg.seq_len
+    if cfg.total_batch_size % (B * T * world):
+        ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
+        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
+                         f"world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
+    return cfg.total_batch_size // (B * T * world)
+
+
 def find_run(cfg, model_cfg, master):
     """The checkpoint to resume (checked against the flags), or None for a fresh run that clobbers nothing."""
     ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
@@ -974,11 +985,7 @@ def _train(cfg, model_cfg, sample_cfg, distributed, rank, world, device):
     # gradient into its buckets for nothing. FSDP shards over any number of ranks, one included.
     parallel = "fsdp" if cfg.fsdp else "ddp" if world > 1 else None
     B, T = cfg.batch_size, cfg.seq_len
-    if cfg.total_batch_size % (B * T * world):
-        ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
-        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
-                         f"world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
-    accum = cfg.total_batch_size // (B * T * world)
+    accum = grad_accum_steps(cfg, world)
     torch.manual_seed(cfg.seed)  # the same init on every rank: FSDP shards it, DDP checks it
     if device.type == "cpu":
         keep_freed_memory()

@@ -10,6 +10,8 @@ The checks, each one PASS or FAIL line with its figures:
             samples and checkpoints at steps 4 and 8
   resume    --resume from the step-4 checkpoint: steps 4-7 repeat the uninterrupted run's losses
   torchrun  torchrun --standalone --nproc_per_node=1 (NCCL on a GPU): the same losses as without torchrun
+  fsdp      the same with --fsdp (FSDP2, bf16 weights on a GPU): the same losses within bf16 rounding
+  medium    --preset gpt2-medium (350M; --tiny: its flags with the tiny shape), 5 steps: ms/step, tok/s, MFU, memory
   sample    --sample from the step-8 checkpoint
   export    --export to a transformers folder: GPT2LMHeadModel's logits equal ours (float32 both sides)
   hellaswag hellaswag.py -d DEVICE on the step-8 checkpoint
@@ -162,6 +164,40 @@ def main():
         report("torchrun", False, f"losses differ from the single-process run's by {diff:.2g} > {tol}")
     else:
         failed("torchrun", rc, lines)
+
+    # torchrun --fsdp, one process: FSDP2 (bf16 weights gathered, fp32 gradients reduced) trains as the unsharded
+    # run does, within bf16's rounding of the weights and the residual stream (a CPU runs it in fp32: exactly)
+    fsdp_dir = os.path.join(work, "fsdp")
+    rc, lines = run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train_args,
+                     "--log_dir", fsdp_dir, "--fsdp"])
+    fsdp_log = os.path.join(fsdp_dir, "log.txt")
+    fsdp_tol = 2e-2 if device.type == "cuda" else 1e-5
+    diff = max(max_diff(read_log(fsdp_log, s), read_log(os.path.join(run_dir, "log.txt"), s)) for s in ("train", "val"))
+    if rc == 0 and diff <= fsdp_tol and len(read_log(fsdp_log, "hella")) == 3:
+        report("fsdp", True, f"{STEPS} steps: max |train or val loss diff| vs unsharded {diff:.2g} (<= {fsdp_tol}); "
+                             "HellaSwag and samples ran")
+    elif rc == 0:
+        report("fsdp", False, f"losses differ from the unsharded run's by {diff:.2g} > {fsdp_tol}")
+    else:
+        failed("fsdp", rc, lines)
+
+    # --preset gpt2-medium (350M) for a few steps of its recipe: the bigger model's speed and memory
+    medium_dir = os.path.join(work, "medium")
+    medium = [] if not args.tiny else SIZES["tiny"]  # on a CPU: the preset's flags with a tiny shape
+    rc, lines = run([py, "train_gpt2.py", "--preset", "gpt2-medium", "--data", shards, "--device", str(device),
+                     "--max_steps", "5", "--warmup_steps", "2", "--eval_interval", "1000", "--val_tokens", "65536",
+                     "--no-hellaswag", "--log_dir", medium_dir, *medium], timeout=900)
+    med_steps = {int(m[1]): m for _, line in lines if (m := STEP_LINE.search(line))}
+    if rc == 0 and sorted(med_steps) == list(range(5)):
+        steady = [med_steps[s] for s in (2, 3, 4)]
+        mfu = f", MFU {statistics.median(float(m[5]) for m in steady):.1f}%" if steady[0][5] else ""
+        peak = next((line for _, line in lines if line.startswith("peak GPU memory")), "")
+        header = next((line.split(" | ")[0] for _, line in lines if "parameters |" in line), "")
+        report("medium", True, f"--preset gpt2-medium ({header}): median {statistics.median(float(m[3]) for m in steady):.0f}"
+                               f" ms/step, {statistics.median(float(m[4].replace(',', '')) for m in steady):,.0f} "
+                               f"tok/s{mfu}; {peak or 'no GPU memory figure (CPU)'}")
+    else:
+        failed("medium", rc, lines)
 
     # sample and export from the last checkpoint, on the device
     t0 = time.time()

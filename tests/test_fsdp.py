@@ -200,3 +200,17 @@ def test_family_presets_have_transformers_parameter_counts(preset):
     # every step of the recipe fills whole micro-batches on 8 GPUs, and warmup ends before the decay does
     assert cfg.total_batch_size % (cfg.batch_size * cfg.seq_len * 8) == 0 and cfg.warmup_steps < cfg.max_steps
     assert preset == "gpt2" or (cfg.data == "edu_fineweb100B" and cfg.log_dir == f"log_{preset}")
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_weights_train_within_bf16_noise_of_autocast(tmp_path):
+    # --dtype bfloat16: FSDP gathers bf16 weights (its MixedPrecisionPolicy) and keeps the residual stream in bf16,
+    # where autocast alone keeps fp32 weights and an fp32 residual stream; same steps, differences of bf16 size
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--eval_interval", "2", "--dtype", "bfloat16"]
+    main(args + ["--log_dir", str(tmp_path / "autocast")])
+    main(args + ["--log_dir", str(tmp_path / "fsdp"), "--fsdp"])
+    a, b = (read_log(tmp_path / d / "log.txt", "train") for d in ("autocast", "fsdp"))
+    assert a.keys() == b.keys() == {0, 1, 2}
+    assert max(abs(a[s] - b[s]) for s in a) <= 5e-3 and a != b  # close, and not the fp32 path by mistake
+    fp32 = torch.load(tmp_path / "fsdp" / "model_000003.pt")["model"]
+    assert {v.dtype for v in fp32.values()} == {torch.float32}  # the checkpoint holds the fp32 masters
