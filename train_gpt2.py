@@ -262,11 +262,13 @@ def training_rows(source):
             for parts in map(str.split, f):
                 if len(parts) == 3 and parts[0].isdigit() and int(parts[0]) <= step:
                     last[parts[1]] = (int(parts[0]), parts[2])
+    # a run's last eval comes before its last update: say so rather than pass it off as this step's
+    when = lambda s: f"at step {s}" + (f", {step - s} update(s) before this checkpoint" if s < step else "")
     if "val" in last:
-        rows.append(("val loss", f"{last['val'][1]} at step {last['val'][0]} (log.txt)"))
+        rows.append(("val loss", f"{last['val'][1]} {when(last['val'][0])} (log.txt)"))
     if "hella" in last:
-        rows.append(("HellaSwag acc_norm", f"{last['hella'][1]} at step {last['hella'][0]} (log.txt; "
-                                           "hellaswag.py's: the ending with the lowest mean loss per token)"))
+        rows.append(("HellaSwag acc_norm", f"{last['hella'][1]} {when(last['hella'][0])} (log.txt; hellaswag.py's: "
+                                           "the ending with the lowest mean loss per token)"))
     return rows
 
 
@@ -302,8 +304,10 @@ A GPT-2 language model{f" from `{source}`" if source else ""}, exported by gpt2-
 | --- | --- |
 {table}
 
-{made}. The tokenizer is GPT-2's, built offline from the project's `gpt2.tiktoken`; `<|endoftext|>` (id {EOT})
-is its bos, eos and unk token and the generation's eos and pad.
+{made}.
+
+The tokenizer is GPT-2's, built offline from the project's `gpt2.tiktoken`; `<|endoftext|>` (id {EOT}) is its
+bos, eos and unk token and the generation's eos and pad.
 
 ```python
 from transformers import pipeline
