@@ -247,7 +247,7 @@ def hf_tokenizer(block_size):
 
 def training_rows(source):
     """(what, value) rows on how the .pt checkpoint `source` was trained: its step and args, and its log.txt."""
-    ckpt = torch.load(source, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second full read
+    ckpt = load_checkpoint(source)
     step, args = ckpt.get("step"), ckpt.get("args") or {}
     if step is None:
         return []  # without the step, neither the tokens nor which log lines are this model's are known
