@@ -223,6 +223,21 @@ def hub_reachable(timeout=3.0):
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def pad_vocab(model, vocab_size):
+    """The model with its tied embedding grown to vocab_size rows (a multiple of 64 makes the matmuls faster).
+    Each new row is the mean of the real ones, so its logit is the mean of the real logits: those are unchanged,
+    and the loss grows by at most log(1 + new rows / real rows), 0.0009 nats for 50257 -> 50304 (Jensen: the
+    real rows' exp-logits average at least exp of their mean). Training then pushes the new rows down, as it
+    does the padding of a model trained from scratch."""
+    sd = model.state_dict()
+    wte = sd["transformer.wte.weight"]
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = torch.cat(
+        [wte, wte.mean(dim=0, keepdim=True).expand(vocab_size - len(wte), -1)])
+    padded = GPT(GPTConfig(**{**asdict(model.config), "vocab_size": vocab_size}))
+    padded.load_state_dict(sd)
+    return padded
+
+
 def hf_to_ours(sd):
     # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -724,6 +739,7 @@ class SampleConfig:
 # sample-100BT: `python fineweb.py --name sample-100BT --output_dir edu_fineweb100B`. batch_size is the micro-batch
 # that fits an 80 GB GPU under DDP (README: the family's table); accumulation fills total_batch_size either way.
 FAMILY_DATA = "edu_fineweb100B"
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")  # Tiny Shakespeare, shipped
 PRESETS = {
     # 124M: the defaults of GPTConfig and TrainConfig are its recipe (GPT-3 Small's lr and batch, 10B tokens)
     "gpt2": {},
@@ -740,8 +756,16 @@ PRESETS = {
     # fine), 32,000 steps of 1,048,576 tokens (33.6B; GPT-3 XL's batch is 1M too), 700 warmup steps, cosine to 0.1x
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
                     total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
+    # OpenAI's 124M fine-tuned on the shipped Tiny Shakespeare, after nanoGPT's config/finetune_shakespeare.py:
+    # a constant lr of 3e-5 (max_lr = min_lr, no warmup), 20 steps of 32,768 tokens, val and samples every 5.
+    # Offline, pass a transformers folder: --init_from FOLDER
+    "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE,
+                                 log_dir="log_shakespeare_finetune", batch_size=8, total_batch_size=32768, max_lr=3e-5,
+                                 min_lr=3e-5, warmup_steps=0, max_steps=20, eval_interval=5, val_tokens=32768,
+                                 sample_interval=5, checkpoint_interval=10, hellaswag=False, prompt="ROMEO:",
+                                 max_new_tokens=48),
     # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
-    "shakespeare": dict(data=os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt"),
+    "shakespeare": dict(data=SHAKESPEARE,
                         log_dir="log_shakespeare", n_layer=6, n_head=4, n_embd=128, block_size=128,
                         batch_size=16, seq_len=128, total_batch_size=4096, max_lr=2e-3, warmup_steps=20,
                         max_steps=250, eval_interval=25, val_tokens=16384, sample_interval=50,
@@ -818,7 +842,7 @@ def setup_distributed(device_arg, fsdp=False):
     elif fsdp:
         # FSDP2 shards over a process group even in one process: a group of one, no rendezvous needed
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.is_initialized(), rank, world, device
+    return torchrun or fsdp, rank, world, device
 
 
 def keep_freed_memory():
@@ -1000,10 +1024,10 @@ class Logger:
             self.header = ""
 
 
-def train(cfg, model_cfg, sample_cfg):
+def train(cfg, model_cfg, sample_cfg, given=()):
     distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp)
     try:
-        _train(cfg, model_cfg, sample_cfg, distributed, rank, world, device)
+        _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
         if distributed:
             dist.barrier()  # every rank done before the group goes: gloo could otherwise abort a rank at exit
     finally:
@@ -1020,7 +1044,17 @@ def grad_accum_steps(cfg, world):
     return cfg.total_batch_size // (B * T * world)
 
 
-def find_run(cfg, model_cfg, master):
+def check_shape(model_config, model_cfg, given, source):
+    """A model from elsewhere (a checkpoint to resume, --init_from) keeps its own shape: only a shape flag set on
+    the command line (or by the preset) that disagrees with it is an error."""
+    clash = [f"--{k} {getattr(model_cfg, k)} but it has {v}" for k, v in asdict(model_config).items()
+             if k in given and getattr(model_cfg, k) != v]
+    if clash:
+        raise UsageError(f"{source} is a model of another shape: " + ", ".join(clash)
+                         + "; drop those flags (the model's shape is used) or pass another --log_dir / --init_from")
+
+
+def find_run(cfg, model_cfg, given, master):
     """The checkpoint to resume (checked against the flags), or None for a fresh run that clobbers nothing."""
     ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
     if cfg.resume and ckpt_path is None and master:
@@ -1032,9 +1066,7 @@ def find_run(cfg, model_cfg, master):
     if ckpt_path is None:
         return None
     ckpt = load_checkpoint(ckpt_path)
-    if ckpt.get("config") != asdict(model_cfg):
-        raise UsageError(f"{ckpt_path} is a model of shape {ckpt.get('config')}, not {asdict(model_cfg)}; "
-                         "pass the flags of that run or another --log_dir")
+    check_shape(GPTConfig(**ckpt["config"]), model_cfg, given, ckpt_path)
     # the data order depends on these (not on batch_size, the number of GPUs or --fsdp, which may change)
     changed = [k for k in ("seed", "shuffle", "seq_len", "total_batch_size", "data") if ckpt["args"][k] != getattr(cfg, k)]
     if changed:
@@ -1048,13 +1080,17 @@ def find_run(cfg, model_cfg, master):
     return ckpt
 
 
-def build_model(cfg, model_cfg, ckpt):
-    """The unsharded model on the CPU: the checkpoint's weights, --init_from's, or a seeded init."""
+def build_model(cfg, model_cfg, given, ckpt):
+    """The unsharded model on the CPU: the checkpoint's weights, --init_from's (weights only: a new run, with a
+    fresh optimizer and schedule; --resume continues a run), or a seeded init."""
     if ckpt:
-        model = GPT(model_cfg)
+        model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     elif cfg.init_from:
         model = load_model(cfg.init_from)
+        if model.config.vocab_size < model_cfg.vocab_size:  # OpenAI's 50257 tokens, padded as for a fresh model
+            model = pad_vocab(model, model_cfg.vocab_size)
+        check_shape(model.config, model_cfg, given, cfg.init_from)
     else:
         model = GPT(model_cfg)
     if cfg.seq_len > model.config.block_size:
@@ -1093,7 +1129,7 @@ def restore_state(ckpt, optimizer, device, sharded):
     return ckpt["step"]
 
 
-def _train(cfg, model_cfg, sample_cfg, distributed, rank, world, device):
+def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
@@ -1111,9 +1147,9 @@ def _train(cfg, model_cfg, sample_cfg, distributed, rank, world, device):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
 
-    ckpt = find_run(cfg, model_cfg, master)
+    ckpt = find_run(cfg, model_cfg, given, master)
     train_shards, val_shards = find_data(cfg.data)
-    raw_model = build_model(cfg, model_cfg, ckpt).to(device)
+    raw_model = build_model(cfg, model_cfg, given, ckpt).to(device)
     # the model's vocab_size bounds the data's token ids
     train_loader = DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle)
     val_loader = DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)
@@ -1210,15 +1246,16 @@ def parse_args(argv=None):
     given = vars(parser.parse_args(argv))
     values = {**PRESETS.get(given.pop("preset", None), {}), **given}
     pick = lambda cls: cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
-    return pick(GPTConfig), pick(TrainConfig), pick(SampleConfig)
+    # and which fields a flag or the preset set: a model loaded from elsewhere keeps its shape unless one did
+    return pick(GPTConfig), pick(TrainConfig), pick(SampleConfig), set(values)
 
 
 def main(argv=None):
-    model_cfg, cfg, sample_cfg = parse_args(argv)
+    model_cfg, cfg, sample_cfg, given = parse_args(argv)
     try:
         check_config(model_cfg, cfg, sample_cfg)
         if not sample_cfg.sample and sample_cfg.export is None:
-            return train(cfg, model_cfg, sample_cfg)
+            return train(cfg, model_cfg, sample_cfg, given)
         source = cfg.init_from or find_checkpoint(cfg.log_dir)
         if source is None:
             raise UsageError(f"nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")

@@ -187,7 +187,7 @@ def test_every_rank_runs_the_same_number_of_val_and_hellaswag_forwards(tmp_path)
 
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_family_presets_have_transformers_parameter_counts(preset):
-    model_cfg, cfg, _ = parse_args(["--preset", preset])
+    model_cfg, cfg, _, _ = parse_args(["--preset", preset])
     shape = dict(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
     assert shape == {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
                      "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
