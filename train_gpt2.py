@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -26,7 +27,7 @@ import tempfile
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -436,12 +438,17 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise UsageError(f"checkpoint '{path}' does not exist") from None
     except Exception as e:
+        if isinstance(e, MemoryError) or "allocate memory" in str(e):  # the CPU allocator's words for it
+            raise UsageError(f"checkpoint '{path}' ({os.path.getsize(path) / 2**30:.1f} GiB) does not fit in this "
+                             "machine's free memory: free some, or load it where there is more") from None
         raise UsageError(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
                          f"({type(e).__name__}); delete it or pass another") from None
 
 
 def load_model(name_or_path, device="cpu"):
     """Our .pt checkpoint, an HF GPT-2 name (gpt2 ... gpt2-xl) or a folder saved by transformers."""
+    if name_or_path.endswith(".pt") and not os.path.exists(name_or_path):
+        raise UsageError(f"checkpoint '{name_or_path}' does not exist; pass an existing .pt, a folder or a model name")
     if os.path.isfile(name_or_path):
         ckpt = load_checkpoint(name_or_path)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -685,6 +692,85 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
+# memory
+
+
+def memory_plan(model_cfg, cfg, world, dtype, parallel, accum):
+    """
+    What one micro-batch step holds on each GPU (rank 0: the largest shard), in bytes by part, before step 0.
+    Parameters, gradients and optimizer state are exact: the sizes of the tensors the run will make. The
+    activations come from a formula: the bytes per token each op of this model saves for backward (measured on
+    CPU with saved_tensors_hooks, tests/test_memory.py), and the logits' transient copies around the loss. Left
+    out: allocator slack, the CUDA context (~0.5 GB), NCCL's buffers and torch.compile's workspace.
+    """
+    with torch.device("meta"):  # shapes only: an XL fits no CPU with its optimizer
+        model = GPT(model_cfg)
+    params = list(model.parameters())
+    # FSDP2 cuts each parameter into world row-chunks (torch.chunk's sizes); rank 0 has the largest
+    local = (lambda p: math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0])) if parallel == "fsdp" else torch.numel
+    N = sum(p.numel() for p in params)
+    plan = {"parameters": sum(4 * local(p) for p in params), "gradients": sum(4 * local(p) for p in params)}
+    if parallel == "ddp":
+        plan["DDP's gradient buckets"] = 4 * N
+    if parallel == "fsdp" and accum > 1:
+        plan["whole gradients while accumulating"] = 4 * N  # FSDP2 keeps them unsharded until the last micro-step
+    matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
+    # AdamW: two fp32 moments and a float32 step per tensor; Muon: one fp32 momentum per matrix
+    plan["optimizer state"] = sum(4 * p.numel() if id(p) in matrices else 8 * local(p) + 4 for p in params)
+    bf16 = dtype == "bfloat16"
+    C, L, V, H = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size, model_cfg.n_head
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    if parallel == "fsdp":  # gathered for compute: the root (embeddings) and two blocks (one prefetched)
+        plan["gathered weights"] = (2 if bf16 else 4) * (N - L * block + 2 * block)
+    elif bf16:
+        plan["autocast's bf16 weight copies"] = 2 * L * block + 2 * V * C
+    tokens = cfg.batch_size * cfg.seq_len
+    # per token, what a block saves for backward: its fp32 input and the residual after attention (4C each), the
+    # inputs of c_attn, attention's q, k, v and output, c_proj, c_fc (4C + 12C + 4C + 4C + 4C in fp32, half in bf16),
+    # GELU's input and c_proj's (16C each, half in bf16), attention's logsumexp (4 bytes a head) and two
+    # LayerNorms' mean and rstd (16 bytes); with --recompute only its input (4C)
+    per_block = (36 * C if bf16 else 64 * C) + 4 * H + 16
+    kept = 4 * C if cfg.recompute else per_block
+    # outside the blocks: ln_f's input and lm_head's, the token ids and targets, and the loss's fp32 log-softmax
+    plan["activations kept for backward"] = tokens * (L * kept + (6 * C if bf16 else 8 * C) + 16 + 4 * V)
+    if cfg.recompute:
+        plan["one block recomputed in backward"] = tokens * per_block
+    # the logits, their fp32 copy and their gradients, alive together around the loss
+    plan["logits around the loss"] = tokens * 12 * V
+    return plan
+
+
+def gib(n):
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
+    """Print the memory plan; stop (before anything is written) with the fix when it does not fit the GPU."""
+    plan = memory_plan(model_cfg, cfg, world, dtype, parallel, accum)
+    need = sum(plan.values())
+    if master:
+        print(f"memory plan per GPU: {gib(need)} = " + ", ".join(f"{k} {gib(v)}" for k, v in plan.items()), flush=True)
+    if device.type != "cuda" or not cfg.memory_check:
+        return need
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= free:
+        return need
+    per_rank = cfg.total_batch_size // (cfg.seq_len * world)  # sequences per rank and step
+
+    def largest(**kw):  # the largest micro-batch that fits and divides the step (accumulation fills the rest)
+        return next((b for b in range(cfg.batch_size, 0, -1) if per_rank % b == 0 and sum(memory_plan(
+            model_cfg, replace(cfg, batch_size=b, **kw), world, dtype, parallel, accum).values()) <= free), None)
+    if b := largest():
+        fix = f"use --batch_size {b} (accumulation keeps --total_batch_size)"
+    elif not cfg.recompute and (b := largest(recompute=True)):
+        fix = f"add --recompute with --batch_size {b}"
+    else:
+        fix = "shard the model over more GPUs with --fsdp under torchrun" + ("" if cfg.recompute else " and --recompute")
+    raise UsageError(f"the memory plan needs {gib(need)} per GPU, {device} has {gib(free)} free: {fix}; "
+                     "--no-memory_check runs anyway")
+
+
+# -----------------------------------------------------------------------------
 # training
 
 
@@ -710,6 +796,8 @@ class TrainConfig:
     checkpoint_interval: int = 5000
     resume: bool = False  # continue from the newest checkpoint in log_dir
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
+    recompute: bool = False  # activation checkpointing: each block keeps only its input and recomputes in backward
+    memory_check: bool = True  # on a GPU, stop before step 0 when the memory plan does not fit
     init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
     compile: bool = None  # default: on for CUDA
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -798,6 +886,7 @@ def check_config(model_cfg, cfg, sample_cfg):
     need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
     need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
     need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
+    need(not os.path.isfile(cfg.log_dir), "log_dir", "a folder, and that is a file: pass another --log_dir")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "auto, float32 or bfloat16")
     if cfg.fsdp and cfg.optimizer == "muon":
         # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
@@ -863,12 +952,25 @@ def all_reduce(t, distributed):
     return t
 
 
-def wrap_model(raw_model, parallel, use_compile, dtype, device):
+def apply_recompute(model):
+    """Activation checkpointing per block (non-reentrant): in training a block keeps only its input and runs its
+    forward again in backward. The model's modules and state_dict keys are untouched."""
+    for block in model.transformer.h:
+        def forward(x, kv_cache=None, _forward=block.forward):
+            if kv_cache is None and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, x, use_reentrant=False)
+            return _forward(x, kv_cache)  # sampling and HellaSwag keep nothing for backward anyway
+        block.forward = forward
+
+
+def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False):
     """(the model the step runs, the model val runs). parallel: None, "ddp" or "fsdp".
 
-    Compile comes before DDP or sharding (as in torchtitan): DDP wraps the compiled graph, and FSDP2's hooks,
+    Recompute, then compile, then DDP or sharding (as in torchtitan): DDP wraps the compiled graph, and FSDP2's hooks,
     which Dynamo cannot trace, stay eager around each compiled block. fully_shard changes raw_model in place:
     under FSDP every forward of it, sampling and HellaSwag included, is a collective of all ranks."""
+    if recompute:
+        apply_recompute(raw_model)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights gathered for the forward and backward (half the traffic of fp32; autocast would cast them for
@@ -1030,6 +1132,9 @@ def train(cfg, model_cfg, sample_cfg, given=()):
         _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
         if distributed:
             dist.barrier()  # every rank done before the group goes: gloo could otherwise abort a rank at exit
+    except torch.OutOfMemoryError as e:
+        # log lines are written whole and checkpoints by rename, so nothing on disk is half-written
+        raise UsageError(out_of_memory_advice(str(e), cfg)) from None
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -1052,6 +1157,16 @@ def check_shape(model_config, model_cfg, given, source):
     if clash:
         raise UsageError(f"{source} is a model of another shape: " + ", ".join(clash)
                          + "; drop those flags (the model's shape is used) or pass another --log_dir / --init_from")
+
+
+def out_of_memory_advice(message, cfg):
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", message)
+    free = re.search(r"of which ([\d.]+ \w+) is free", message)
+    figures = (f"asked for {asked[1]} with {free[1]} free" if asked and free
+               else message.splitlines()[0][:200] if message else "no details")
+    fix = f"--batch_size {cfg.batch_size // 2}" if cfg.batch_size > 1 else "--recompute or --fsdp"
+    return (f"out of memory ({figures}): try {fix} (accumulation keeps --total_batch_size), --recompute, or --fsdp "
+            "under torchrun; the last checkpoint and log.txt are intact")
 
 
 def find_run(cfg, model_cfg, given, master):
@@ -1133,8 +1248,6 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     # DDP only where there is another rank to average with: on one GPU under torchrun it would copy every
     # gradient into its buckets for nothing. FSDP shards over any number of ranks, one included.
@@ -1149,13 +1262,17 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
 
     ckpt = find_run(cfg, model_cfg, given, master)
     train_shards, val_shards = find_data(cfg.data)
-    raw_model = build_model(cfg, model_cfg, given, ckpt).to(device)
+    raw_model = build_model(cfg, model_cfg, given, ckpt)
+    planned = check_memory(raw_model.config, cfg, world, dtype, parallel, accum, device, master)
+    raw_model.to(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
     # the model's vocab_size bounds the data's token ids
     train_loader = DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle)
     val_loader = DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)
     hella_examples = load_hellaswag(cfg, master)
     # val runs the compiled model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
-    model, eval_model = wrap_model(raw_model, parallel, use_compile, dtype, device)
+    model, eval_model = wrap_model(raw_model, parallel, use_compile, dtype, device, cfg.recompute)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer, cfg.muon_lr,
                                     cfg.muon_momentum, cfg.muon_split_qkv)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # read before a checkpoint's state replaces them
@@ -1226,7 +1343,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
                             device, master)
     prefetcher.shutdown()
     if device.type == "cuda":
-        log.print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        log.print(f"peak GPU memory {gib(torch.cuda.max_memory_allocated(device))} (the plan: {gib(planned)})")
 
 
 # -----------------------------------------------------------------------------

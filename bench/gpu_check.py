@@ -8,6 +8,7 @@ fineweb.py, the HellaSwag fixture in tests/fixtures). Run it first whenever a GP
 The checks, each one PASS or FAIL line with its figures:
   train     python train_gpt2.py, no torchrun: 8 steps of 524,288 tokens (--tiny: 512) with val, HellaSwag,
             samples and checkpoints at steps 4 and 8
+  memory    the memory plan printed before step 0 vs the measured peak (torch.cuda.max_memory_allocated): within 25%
   resume    --resume from the step-4 checkpoint: steps 4-7 repeat the uninterrupted run's losses
   torchrun  torchrun --standalone --nproc_per_node=1 (NCCL on a GPU): the same losses as without torchrun
   fsdp      the same with --fsdp (FSDP2, bf16 weights on a GPU): the same losses within bf16 rounding
@@ -133,7 +134,16 @@ def main():
         header = next(t for t, line in lines if "parameters |" in line)
         step0 = next(t for t, line in lines if STEP_LINE.search(line))
         figures.append(f"step 0 (compile, val, HellaSwag, step): {step0 - header:.1f} s after the model was built")
-    figures += [line for _, line in lines if line.startswith("peak GPU memory")]
+    # memory: the plan printed before step 0 against the measured peak at the end (a GPU run prints both)
+    plan = next((line for _, line in lines if line.startswith("memory plan per GPU:")), None)
+    peak = re.search(r"peak GPU memory ([\d.]+) GiB \(the plan: ([\d.]+) GiB\)", text)
+    if peak:
+        ratio = float(peak[1]) / float(peak[2])
+        report("memory", abs(ratio - 1) <= 0.25, f"measured peak {peak[1]} GiB vs the plan's {peak[2]} GiB: "
+                                                 f"{ratio:.2f}x (within 25%?)")
+    else:
+        report("memory", plan is not None and device.type == "cpu",
+               f"{plan.split(':')[1].split('=')[0].strip() if plan else 'no plan line'} planned; no measured peak on a CPU")
 
     # resume: the step-4 checkpoint alone in a new folder, as a run killed after step 4 leaves it
     resumed_dir = os.path.join(work, "resumed")

@@ -1,0 +1,225 @@
+"""
+--recompute (activation checkpointing), the memory plan printed before step 0, and out-of-memory errors that
+name the fix. Oracles: the run without --recompute, the real tensors' sizes, saved_tensors_hooks' bytes.
+"""
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train_gpt2
+from conftest import ROOT
+from test_train import TINY, expect_error, read_log, run_script
+from train_gpt2 import GPT, GPTConfig, TrainConfig, apply_recompute, configure_optimizer, main, memory_plan
+
+TINY_RUN = TINY + ["--data", str(ROOT / "input.txt")]
+
+
+def saved_bytes(model, x, y):
+    """Bytes of the tensors autograd keeps for backward (parameters aside), each storage once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_activation_formula_matches_what_autograd_keeps(recompute):
+    model_cfg = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128)
+    cfg = TrainConfig(batch_size=2, seq_len=64, recompute=recompute)
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    if recompute:
+        apply_recompute(model)
+    x = torch.randint(0, 50257, (2, 64))
+    measured = saved_bytes(model, x, x)
+    planned = memory_plan(model_cfg, cfg, 1, "float32", None, 1)["activations kept for backward"]
+    assert abs(measured - planned) <= 0.01 * planned, (measured, planned)
+
+
+def test_recompute_keeps_fewer_bytes_by_at_least_the_planned_factor():
+    model_cfg = GPTConfig(block_size=64, n_layer=6, n_head=4, n_embd=256)
+    plans = [memory_plan(model_cfg, TrainConfig(batch_size=2, seq_len=64, recompute=r), 1, "float32", None, 1)
+             for r in (False, True)]
+    predicted = plans[0]["activations kept for backward"] / plans[1]["activations kept for backward"]
+    measured = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = GPT(model_cfg)
+        if recompute:
+            apply_recompute(model)
+        x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+        measured.append(saved_bytes(model, x, x))
+    assert measured[1] < measured[0] and measured[0] / measured[1] >= 0.99 * predicted > 1.2
+
+
+def test_recompute_trains_exactly_as_without(tmp_path):
+    args = TINY_RUN + ["--max_steps", "5", "--eval_interval", "2"]
+    main(args + ["--log_dir", str(tmp_path / "plain")])
+    main(args + ["--log_dir", str(tmp_path / "recompute"), "--recompute"])
+    for stream in ("train", "val"):
+        a, b = (read_log(tmp_path / d / "log.txt", stream) for d in ("plain", "recompute"))
+        assert a.keys() == b.keys() and max(abs(a[s] - b[s]) for s in a) <= 1e-6
+    a, b = (torch.load(tmp_path / d / "model_000005.pt")["model"] for d in ("plain", "recompute"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # same keys: no wrapper
+
+
+@pytest.mark.slow
+def test_recompute_under_compile_ddp_and_fsdp_matches_the_plain_run(tmp_path):
+    args = TINY_RUN + ["--max_steps", "3", "--eval_interval", "2", "--total_batch_size", "512"]
+    main(args + ["--log_dir", str(tmp_path / "plain")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, flags, launcher in (("compiled", ["--compile"], None), ("ddp", [], torchrun), ("fsdp", ["--fsdp"], torchrun)):
+        r = run_script(args + ["--recompute", "--log_dir", name] + flags, cwd=tmp_path, launcher=launcher, timeout=900)
+        assert r.returncode == 0, r.stderr
+        tol = 1e-4 if name == "compiled" else 1e-5  # compiled kernels round differently
+        for stream in ("train", "val"):
+            a, b = (read_log(tmp_path / d / "log.txt", stream) for d in ("plain", name))
+            assert a.keys() == b.keys() and max(abs(a[s] - b[s]) for s in a) <= tol + 1e-4 * (stream == "val"), name
+
+
+def state_bytes(tensors):
+    local = lambda t: t.to_local() if isinstance(t, torch.distributed.tensor.DTensor) else t
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+
+def optimizer_tensors(optimizer):
+    state = optimizer.state_dict()
+    inner = [state["muon"], state["adamw"]] if "muon" in state else [state]
+    return [v for s in inner for per_param in s["state"].values() for v in per_param.values()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_plan_counts_the_parameters_gradients_and_optimizer_state_exactly(optimizer):
+    model_cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+    cfg = TrainConfig(batch_size=2, seq_len=32, optimizer=optimizer)
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    opt = configure_optimizer(model, 0.1, 1e-3, "cpu", optimizer)
+    x = torch.randint(0, 50257, (2, 32))
+    model(x, x)[1].backward()
+    opt.step()
+    plan = memory_plan(model_cfg, cfg, 1, "float32", None, 1)
+    assert plan["parameters"] == state_bytes(model.parameters())
+    assert plan["gradients"] == state_bytes(p.grad for p in model.parameters())
+    assert plan["optimizer state"] == state_bytes(optimizer_tensors(opt))
+    ddp = memory_plan(model_cfg, cfg, 2, "float32", "ddp", 1)  # DDP: the same tensors on each rank, plus its buckets
+    assert ddp["optimizer state"] == plan["optimizer state"] and ddp["DDP's gradient buckets"] == plan["gradients"]
+
+
+FSDP_STATE = """
+import sys, torch, torch.distributed as dist
+from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, memory_plan, wrap_model
+from test_memory import optimizer_tensors, state_bytes
+dist.init_process_group("gloo")
+model_cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, vocab_size=50305)  # a row count odd on purpose
+torch.manual_seed(0)
+model = GPT(model_cfg)
+wrap_model(model, "fsdp", False, "float32", torch.device("cpu"))
+opt = configure_optimizer(model, 0.1, 1e-3, "cpu")
+x = torch.randint(0, 50257, (2, 32))
+model(x, x)[1].backward()
+opt.step()
+plan = memory_plan(model_cfg, TrainConfig(batch_size=2, seq_len=32), 2, "float32", "fsdp", 1)
+real = [state_bytes(model.parameters()), state_bytes(p.grad for p in model.parameters()), state_bytes(optimizer_tensors(opt))]
+if dist.get_rank() == 0:
+    print("PLAN", plan["parameters"], plan["gradients"], plan["optimizer state"])
+    print("REAL", *real)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_plan_counts_rank_0s_fsdp_shards_exactly(tmp_path):
+    script = tmp_path / "fsdp_state.py"
+    script.write_text(FSDP_STATE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines() if line.startswith(("PLAN", "REAL"))}
+    assert lines["PLAN"] == lines["REAL"], r.stdout
+
+
+@pytest.fixture
+def small_gpu(monkeypatch):
+    """A GPU with 4 GiB free, as far as the memory check can tell (set_device is recorded, not called)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_a_run_that_cannot_fit_stops_before_step_0_with_the_fix(small_gpu, tmp_path, capsys):
+    log = tmp_path / "log"
+    # 12 layers of width 768 at B=16, T=256: ~6 GiB by the plan; B=1 fits in 4 GiB
+    args = ["--data", str(ROOT / "input.txt"), "--device", "cuda", "--batch_size", "16", "--seq_len", "256",
+            "--total_batch_size", "4096", "--no-hellaswag", "--log_dir", str(log)]
+    msg = expect_error(args, "per GPU, cuda:0 has 4.0 GiB free: use --batch_size ")
+    assert "--no-memory_check runs anyway" in msg
+    b = int(msg.split("use --batch_size ")[1].split()[0])
+    assert 16 % b == 0 and b < 16  # accumulation can fill the step with it
+    model_cfg, cfg, _, _ = train_gpt2.parse_args(args)
+    fits = lambda b: sum(memory_plan(model_cfg, replace(cfg, batch_size=b), 1, "bfloat16", None, 1).values()) <= 4 * 2**30
+    assert fits(b) and not fits(2 * b)  # the largest: the next divisor of 16 does not fit
+    assert "memory plan per GPU:" in capsys.readouterr().out
+    assert not log.exists()  # nothing written
+    # too big even for B=1: the next levers
+    msg = expect_error(args + ["--n_layer", "48", "--n_embd", "1600", "--n_head", "25"], "--fsdp")
+    assert "--recompute" in msg and not log.exists()
+
+
+def test_out_of_memory_in_a_step_names_the_fix_and_keeps_the_checkpoint_and_log(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    args = TINY_RUN + ["--max_steps", "6", "--checkpoint_interval", "2", "--log_dir", str(log)]
+    real = train_gpt2.accumulate_gradients
+    calls = []
+
+    def step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # step 3, after the step-2 checkpoint
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.10 GiB of which 1.50 GiB is free. Including non-PyTorch ...")
+        return real(*a, **kw)
+    monkeypatch.setattr(train_gpt2, "accumulate_gradients", step)
+    msg = expect_error(args, "out of memory (asked for 2.00 GiB with 1.50 GiB free): try --batch_size 2")
+    assert "the last checkpoint and log.txt are intact" in msg
+    assert sorted(p.name for p in log.iterdir()) == ["log.txt", "model_000002.pt"]
+    lines = (log / "log.txt").read_text()
+    assert lines.endswith("\n") and max(int(l.split()[0]) for l in lines.splitlines()) == 2
+    monkeypatch.setattr(train_gpt2, "accumulate_gradients", real)
+    main(args + ["--resume"])  # and the run goes on from there
+    assert sorted(read_log(log / "log.txt", "train")) == list(range(6))
+
+
+def test_a_checkpoint_too_big_for_memory_says_so(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    main(TINY_RUN + ["--max_steps", "1", "--log_dir", str(log)])
+
+    def no_memory(*a, **kw):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 19000000000 bytes.")
+    monkeypatch.setattr(torch, "load", no_memory)
+    expect_error(TINY_RUN + ["--max_steps", "2", "--log_dir", str(log), "--resume"], "does not fit in this machine's")
+    expect_error(["--init_from", str(log / "model_000001.pt"), "--sample"], "does not fit in this machine's")
+
+
+def test_log_dir_that_is_a_file_and_a_missing_init_from_checkpoint_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    expect_error(TINY_RUN + ["--log_dir", str(tmp_path / "file")], "--log_dir")
+    assert (tmp_path / "file").read_text() == "not a folder"
+    expect_error(TINY_RUN + ["--init_from", str(tmp_path / "nope.pt"), "--log_dir", str(tmp_path / "l")],
+                 f"checkpoint '{tmp_path / 'nope.pt'}' does not exist")
+    expect_error(["--init_from", str(tmp_path / "nope.pt"), "--sample"], "does not exist")
