@@ -19,6 +19,21 @@ from train_gpt2 import GPT, GPTConfig, TrainConfig, apply_recompute, memory_plan
 GiB = 2**30
 
 
+def saved_bytes(model, x, y):
+    """Bytes of the tensors autograd keeps for backward of model(x, y) (parameters aside), each storage once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    loss.backward()
+    return sum(seen.values())
+
+
 def main():
     sizes = (1, 2, 4, 8, 16, 32, 64)
     print("GiB per GPU by micro-batch B, recompute off / on (80 GB = 74.5 GiB, 40 GB = 37.3 GiB):\n")
@@ -43,18 +58,9 @@ def main():
         if recompute:
             apply_recompute(model)
         x = torch.randint(0, 50257, (2, 256))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x, x)[1].backward()
+        measured = saved_bytes(model, x, x)
         planned = memory_plan(model_cfg, TrainConfig(batch_size=2, seq_len=256, recompute=recompute), 1, "float32",
                               None, 1)["activations kept for backward"]
-        measured = sum(seen.values())
         print(f"6 layers, width 256, B=2, T=256, recompute {'on ' if recompute else 'off'}: measured "
               f"{measured / 2**20:.1f} MiB, formula {planned / 2**20:.1f} MiB ({measured / planned:.3f}x)")
 

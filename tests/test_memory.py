@@ -16,21 +16,8 @@ from test_train import TINY, expect_error, read_log, run_script
 from train_gpt2 import GPT, GPTConfig, TrainConfig, apply_recompute, configure_optimizer, main, memory_plan
 
 TINY_RUN = TINY + ["--data", str(ROOT / "input.txt")]
-
-
-def saved_bytes(model, x, y):
-    """Bytes of the tensors autograd keeps for backward (parameters aside), each storage once."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(x, y)
-    loss.backward()
-    return sum(seen.values())
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_memory import saved_bytes  # noqa: E402  (the bench prints what these tests assert)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
