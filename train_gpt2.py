@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import functools
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -824,9 +823,12 @@ def check_config(model_cfg, cfg, sample_cfg):
     need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
     need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
     need(cfg.wandb is None or cfg.wandb.strip() != "", "wandb", "a W&B project name")
-    if cfg.wandb is not None and importlib.util.find_spec("wandb") is None:
-        raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
-                         "(or drop --wandb)")
+    if cfg.wandb is not None:
+        try:
+            import wandb  # noqa: F401  only for --wandb: a run without it never needs the package
+        except ImportError:
+            raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
+                             "(or drop --wandb)") from None
     if cfg.fsdp and cfg.optimizer == "muon":
         # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
         raise UsageError("--optimizer muon does not run with --fsdp (each rank holds only slices of the matrices "
@@ -1280,10 +1282,10 @@ def restore_state(ckpt, optimizer, device, sharded, scaler=None):
 def _train(cfg, model_cfg, sample_cfg, distributed, rank, world, device):
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
+    use_compile, compile_note = resolve_compile(cfg.compile, device)  # first: --compile where it cannot run is an error
     precision = resolve_precision(cfg.dtype, device)
     autocast = precision.autocast(device.type)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
-    use_compile, compile_note = resolve_compile(cfg.compile, device)
     # DDP only where there is another rank to average with: on one GPU under torchrun it would copy every
     # gradient into its buckets for nothing. FSDP shards over any number of ranks, one included.
     parallel = "fsdp" if cfg.fsdp else "ddp" if world > 1 else None
