@@ -117,6 +117,19 @@ def same(a, b):
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
+def test_fsdp_gathers_fp16_weights_and_the_scaler_steps_its_sharded_gradients(tmp_path):
+    # --fsdp without torchrun: a process group of one. FSDP2 gathers fp16 weights (its MixedPrecisionPolicy) and
+    # keeps the residual stream in fp16, where autocast alone keeps both fp32: close, not equal; and GradScaler
+    # unscales and checks FSDP2's DTensor gradients
+    args = TINY + DATA + ["--max_steps", "3", "--eval_interval", "100", "--val_tokens", "128", "--dtype", "float16"]
+    main(args + ["--log_dir", str(tmp_path / "autocast")])
+    main(args + ["--log_dir", str(tmp_path / "fsdp"), "--fsdp"])
+    a, b = (read_log(tmp_path / d / "log.txt", "train") for d in ("autocast", "fsdp"))
+    assert a.keys() == b.keys() == {0, 1, 2} and max(abs(a[s] - b[s]) for s in a) <= 5e-3 and a != b
+    state = ckpt(tmp_path / "fsdp" / "model_000003.pt")
+    assert {v.dtype for v in state["model"].values()} == {torch.float32} and state["scaler"]["_growth_tracker"] == 3
+
+
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
