@@ -121,13 +121,13 @@ def test_fsdp_gathers_fp16_weights_and_the_scaler_steps_its_sharded_gradients(tm
     # --fsdp without torchrun: a process group of one. FSDP2 gathers fp16 weights (its MixedPrecisionPolicy) and
     # keeps the residual stream in fp16, where autocast alone keeps both fp32: close, not equal; and GradScaler
     # unscales and checks FSDP2's DTensor gradients
-    args = TINY + DATA + ["--max_steps", "3", "--eval_interval", "100", "--val_tokens", "128", "--dtype", "float16"]
+    args = TINY + DATA + ["--max_steps", "2", "--eval_interval", "100", "--val_tokens", "128", "--dtype", "float16"]
     main(args + ["--log_dir", str(tmp_path / "autocast")])
     main(args + ["--log_dir", str(tmp_path / "fsdp"), "--fsdp"])
     a, b = (read_log(tmp_path / d / "log.txt", "train") for d in ("autocast", "fsdp"))
-    assert a.keys() == b.keys() == {0, 1, 2} and max(abs(a[s] - b[s]) for s in a) <= 5e-3 and a != b
-    state = ckpt(tmp_path / "fsdp" / "model_000003.pt")
-    assert {v.dtype for v in state["model"].values()} == {torch.float32} and state["scaler"]["_growth_tracker"] == 3
+    assert a.keys() == b.keys() == {0, 1} and max(abs(a[s] - b[s]) for s in a) <= 5e-3 and a != b
+    state = ckpt(tmp_path / "fsdp" / "model_000002.pt")
+    assert {v.dtype for v in state["model"].values()} == {torch.float32} and state["scaler"]["_growth_tracker"] == 2
 
 
 def tiny_model(seed=0):
@@ -218,6 +218,11 @@ def fake_gpu(monkeypatch):
     return make
 
 
+def picks(dtype_arg, device):
+    p = resolve_precision(dtype_arg, device)
+    return p.dtype, p.scaler
+
+
 @pytest.mark.parametrize("gpu, dtype, scaler, compiles", [("H100", "bfloat16", False, True),
                                                           ("A100", "bfloat16", False, True),
                                                           ("T4", "float16", True, True),
@@ -231,8 +236,7 @@ def test_auto_picks_what_the_gpu_has_tensor_cores_for(fake_gpu, gpu, dtype, scal
     use, note = resolve_compile(None, device)
     assert use == compiles and (note == "" if compiles else "compute capability >= 7.0" in note)
     # an explicit dtype is taken as given; bf16 on a card without it runs emulated, and the reason says so
-    assert resolve_precision("float32", device)[::2] == ("float32", False)
-    assert resolve_precision("float16", device)[::2] == ("float16", True)
+    assert picks("float32", device) == ("float32", False) and picks("float16", device) == ("float16", True)
     assert resolve_precision("bfloat16", device).scaler is False
     assert ("emulated" in resolve_precision("bfloat16", device).reason) == (dtype == "float16")
 
@@ -253,8 +257,8 @@ def test_compile_needs_triton_and_compute_capability_7(fake_gpu):
 
 
 def test_the_cpu_keeps_float32_and_compile_off_by_default():
-    assert resolve_precision("auto", CPU)[::2] == ("float32", False) and resolve_precision("auto", CPU).autocast_dtype is None
-    assert resolve_precision("float16", CPU)[::2] == ("float16", True)
+    assert picks("auto", CPU) == ("float32", False) and resolve_precision("auto", CPU).autocast_dtype is None
+    assert picks("float16", CPU) == ("float16", True) and picks("bfloat16", CPU) == ("bfloat16", False)
     assert resolve_compile(None, CPU) == (False, "off by default on cpu") and resolve_compile(True, CPU) == (True, "")
 
 
