@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model, resolve_device
+from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model, resolve_device, resolve_precision
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -225,11 +225,12 @@ def main():
         examples = load_examples(args.split, args.data, args.limit)  # before the model: bad data fails fast
         device = resolve_device(args.device)
         model = load_model(args.model, device)
-        # bf16 autocast where it pays off; the losses are float32 either way
-        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+        # train_gpt2.py's --dtype auto: bf16 or fp16 autocast on a GPU, whichever it has tensor cores for (no
+        # GradScaler: nothing is backpropagated); the losses are float32 either way
+        precision = resolve_precision("auto", device)
         t0 = time.time()
         n, correct, correct_norm = evaluate(model, examples, device, args.batch_size,
-                                            autocast_dtype=autocast_dtype, progress=True)
+                                            autocast_dtype=precision.autocast_dtype, progress=True)
         dt = time.time() - t0
     except UsageError as e:
         sys.exit(f"error: {e}")

@@ -29,6 +29,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tiktoken
@@ -643,10 +644,13 @@ class MuonAdamW:
         for p, _ in self.qkv:
             p.grad = None  # in neither optimizer: Muon holds its views
 
-    def step(self):
+    def share_grads(self):
         for p, views in self.qkv:
             for view, grad in zip(views, p.grad.chunk(3)):
-                view.grad = grad
+                view.grad = grad  # a view: clipping or unscaling p.grad in place changes it too
+
+    def step(self):
+        self.share_grads()
         self.muon.step()
         self.adamw.step()
 
@@ -670,9 +674,37 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 # -----------------------------------------------------------------------------
 # FLOPs and MFU
 
-# peak dense bf16 tensor-core FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Peak dense (not 2:4-sparse) tensor-core FLOP/s per autocast dtype, from NVIDIA's datasheets (data center and
+# workstation cards) and architecture whitepapers (GeForce: Turing, Ampere GA102, Ada; there the figure "with FP32
+# accumulate", which is what PyTorch's matmuls use, is half the FP16-accumulate one). float32 is the TF32 tensor
+# peak, which fp32 matmuls run at on Ampere and newer (set_float32_matmul_precision("high")); on Volta and Turing,
+# which have no TF32 and no bf16, the plain FP32 peak. A dtype a card lacks has no entry (no MFU printed).
+# A10G: an AWS part without an NVIDIA datasheet; 70T is this table's earlier figure, not checked against a source.
+# Keys are matched as whole words of torch.cuda.get_device_name(), longest first: see peak_flops.
+PEAK_FLOPS = {
+    "H200": dict(bfloat16=989e12, float16=989e12, float32=495e12),  # H200 SXM
+    "H200 NVL": dict(bfloat16=836e12, float16=836e12, float32=418e12),
+    "H100": dict(bfloat16=989e12, float16=989e12, float32=495e12),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    "H100 PCIe": dict(bfloat16=756e12, float16=756e12, float32=378e12),
+    "H100 NVL": dict(bfloat16=836e12, float16=836e12, float32=418e12),
+    "A100": dict(bfloat16=312e12, float16=312e12, float32=156e12),  # SXM and PCIe alike
+    "A10": dict(bfloat16=125e12, float16=125e12, float32=62.5e12),
+    "A10G": dict(bfloat16=70e12, float16=70e12),
+    "RTX A6000": dict(bfloat16=154.8e12, float16=154.8e12, float32=77.4e12),
+    "L40S": dict(bfloat16=362e12, float16=362e12, float32=183e12),
+    "L40": dict(bfloat16=181e12, float16=181e12, float32=90.5e12),
+    "L4": dict(bfloat16=121e12, float16=121e12, float32=60e12),
+    "RTX 4090": dict(bfloat16=165.2e12, float16=165.2e12, float32=82.6e12),
+    "RTX 4080": dict(bfloat16=97.5e12, float16=97.5e12, float32=48.7e12),
+    "RTX 3090": dict(bfloat16=71e12, float16=71e12, float32=35.6e12),
+    "RTX 3080": dict(bfloat16=59.5e12, float16=59.5e12, float32=29.8e12),
+    "RTX 2080 Ti": dict(float16=53.8e12, float32=13.4e12),
+    "RTX 2080": dict(float16=40.3e12, float32=10.1e12),
+    "T4": dict(float16=65e12, float32=8.1e12),
+    "V100": dict(float16=125e12, float32=15.7e12),  # SXM2 ("Tesla V100-SXM2-16GB")
+    "V100 PCIE": dict(float16=112e12, float32=14e12),
+    "V100S": dict(float16=130e12, float32=16.4e12),
+}
 
 
 def flops_per_token(model, T):
@@ -684,11 +716,22 @@ def flops_per_token(model, T):
     return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
 
-def peak_flops(device):
+def peak_flops(device, dtype):
+    """Peak FLOP/s of this GPU in `dtype` (PEAK_FLOPS), or None: a CPU, an unknown GPU or a dtype it lacks."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device)).get(dtype)
+
+
+def peak_flops_of(device_name):
+    # as whole words, longest key first: a plain substring test takes "NVIDIA A100-SXM4-80GB" for an A10,
+    # "NVIDIA L40S" for an L4 and "NVIDIA H100 PCIe" for the SXM part
+    words = device_name.upper().replace("-", " ").split()
+    for key in sorted(PEAK_FLOPS, key=lambda k: -len(k.split())):
+        n = len(key.split())
+        if any(words[i:i + n] == key.upper().split() for i in range(len(words) - n + 1)):
+            return PEAK_FLOPS[key]
+    return {}
 
 
 # -----------------------------------------------------------------------------
@@ -717,22 +760,22 @@ def memory_plan(model_cfg, cfg, world, dtype, parallel, accum):
     matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
     # AdamW: two fp32 moments and a float32 step per tensor; Muon: one fp32 momentum per matrix
     plan["optimizer state"] = sum(4 * p.numel() if id(p) in matrices else 8 * local(p) + 4 for p in params)
-    bf16 = dtype == "bfloat16"
+    half = dtype in ("bfloat16", "float16")  # autocast's 2-byte activations and weight copies
     C, L, V, H = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size, model_cfg.n_head
     block = sum(p.numel() for p in model.transformer.h[0].parameters())
     if parallel == "fsdp":  # gathered for compute: the root (embeddings) and two blocks (one prefetched)
-        plan["gathered weights"] = (2 if bf16 else 4) * (N - L * block + 2 * block)
-    elif bf16:
-        plan["autocast's bf16 weight copies"] = 2 * L * block + 2 * V * C
+        plan["gathered weights"] = (2 if half else 4) * (N - L * block + 2 * block)
+    elif half:
+        plan["autocast's half-precision weight copies"] = 2 * L * block + 2 * V * C
     tokens = cfg.batch_size * cfg.seq_len
     # per token, what a block saves for backward: its fp32 input and the residual after attention (4C each), the
-    # inputs of c_attn, attention's q, k, v and output, c_proj, c_fc (4C + 12C + 4C + 4C + 4C in fp32, half in bf16),
-    # GELU's input and c_proj's (16C each, half in bf16), attention's logsumexp (4 bytes a head) and two
+    # inputs of c_attn, attention's q, k, v and output, c_proj, c_fc (4C + 12C + 4C + 4C + 4C in fp32, half in bf16/fp16),
+    # GELU's input and c_proj's (16C each, half in bf16/fp16), attention's logsumexp (4 bytes a head) and two
     # LayerNorms' mean and rstd (16 bytes); with --recompute only its input (4C)
-    per_block = (36 * C if bf16 else 64 * C) + 4 * H + 16
+    per_block = (36 * C if half else 64 * C) + 4 * H + 16
     kept = 4 * C if cfg.recompute else per_block
     # outside the blocks: ln_f's input and lm_head's, the token ids and targets, and the loss's fp32 log-softmax
-    plan["activations kept for backward"] = tokens * (L * kept + (6 * C if bf16 else 8 * C) + 16 + 4 * V)
+    plan["activations kept for backward"] = tokens * (L * kept + (6 * C if half else 8 * C) + 16 + 4 * V)
     if cfg.recompute:
         plan["one block recomputed in backward"] = tokens * per_block
     # the logits, their fp32 copy and their gradients, alive together around the loss
@@ -799,15 +842,19 @@ class TrainConfig:
     recompute: bool = False  # activation checkpointing: each block keeps only its input and recomputes in backward
     memory_check: bool = True  # on a GPU, stop before step 0 when the memory plan does not fit
     init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
-    compile: bool = None  # default: on for CUDA
+    compile: bool = None  # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16
+    # auto: bfloat16 autocast on a GPU with bf16 tensor cores (Ampere+), float16 autocast + GradScaler on an older
+    # one, float32 elsewhere; or float32, bfloat16, float16 (with a GradScaler, on any device): resolve_precision
+    dtype: str = "auto"
     seed: int = 1337
     # Muon (Jordan 2024) for the blocks' matrices, AdamW for the rest: see configure_optimizer and the README
     optimizer: str = "adamw"  # adamw (the recipe) or muon
     muon_lr: float = None  # Muon's peak lr, on the same schedule; default max_lr (Liu et al. 2025: update RMS matched to AdamW's)
     muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov), Keller Jordan's value
     muon_split_qkv: bool = True  # orthogonalise c_attn's q, k, v apart: no worse than the fused matrix here (within noise), see README
+    # reporting: log.txt is the record; W&B mirrors it
+    wandb: str = None  # a Weights & Biases project to log the run to (rank 0; needs `pip install wandb`); default off
 
 
 @dataclass
@@ -887,7 +934,14 @@ def check_config(model_cfg, cfg, sample_cfg):
     need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
     need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
     need(not os.path.isfile(cfg.log_dir), "log_dir", "a folder, and that is a file: pass another --log_dir")
-    need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "auto, float32 or bfloat16")
+    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+    need(cfg.wandb is None or cfg.wandb.strip() != "", "wandb", "a W&B project name")
+    if cfg.wandb is not None:
+        try:
+            import wandb  # noqa: F401  only for --wandb: a run without it never needs the package
+        except ImportError:
+            raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
+                             "(or drop --wandb)") from None
     if cfg.fsdp and cfg.optimizer == "muon":
         # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
         raise UsageError("--optimizer muon does not run with --fsdp (each rank holds only slices of the matrices "
@@ -916,6 +970,73 @@ def resolve_device(device_arg, local_rank=0):
             raise UsageError(f"--device {device} asked for, but this machine has {torch.cuda.device_count()} "
                              "GPU(s); use --device cuda (under torchrun, one GPU per process)")
     return device
+
+
+class Precision(NamedTuple):
+    """What resolve_precision chose: the autocast dtype (the weights and the optimizer stay float32), the reason
+    the banner prints, and whether the loss needs a GradScaler (float16: its gradients underflow without one)."""
+    dtype: str  # float32, bfloat16 or float16
+    reason: str
+    scaler: bool
+
+    @property
+    def autocast_dtype(self):
+        return None if self.dtype == "float32" else getattr(torch, self.dtype)
+
+    def autocast(self, device_type):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+
+def resolve_precision(dtype_arg, device):
+    """--dtype on `device`: the one place every script picks its precision (training, sampling, hellaswag.py)."""
+    if dtype_arg == "float16":
+        return Precision("float16", "float16 autocast with a GradScaler (--dtype float16)", True)
+    if dtype_arg == "float32":
+        return Precision("float32", "float32 (--dtype float32)", False)
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype_arg == "bfloat16":
+        # asked for on a GPU without bf16 tensor cores it runs, emulated and slowly: say so rather than refuse
+        slow = f"; emulated: {gpu_name(device)} has no bf16 tensor cores, --dtype auto picks float16" \
+            if device.type == "cuda" and not native_bf16 else ""
+        return Precision("bfloat16", f"bfloat16 autocast (--dtype bfloat16{slow})", False)
+    if device.type != "cuda":
+        return Precision("float32", f"float32 (--dtype auto on {device.type})", False)
+    if native_bf16:
+        return Precision("bfloat16", f"bfloat16 autocast (--dtype auto: {gpu_name(device)} has bf16 tensor cores)",
+                         False)
+    # Volta and Turing (V100, T4, RTX 20xx) have fp16 tensor cores only; Pascal (P100, GTX 10xx) has none, but its
+    # bf16 would be emulated while fp16 at least halves the activations' memory traffic
+    return Precision("float16", f"float16 autocast with a GradScaler (--dtype auto: {gpu_name(device)} has no bf16 "
+                                "tensor cores)", True)
+
+
+def gpu_name(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+
+
+def resolve_compile(compile_arg, device):
+    """(compile or not, why it is off when left to its default). --compile where inductor cannot run is a
+    UsageError: otherwise it fails at step 0 with a long inductor traceback."""
+    if compile_arg is False:
+        return False, ""
+    if device.type != "cuda":
+        # a CPU compiles (the tests do) but gains little for a long first step
+        return bool(compile_arg), "" if compile_arg else f"off by default on {device.type}"
+    missing = []
+    try:
+        import triton  # noqa: F401  inductor writes its GPU kernels in Triton, which has no official Windows build
+    except ImportError:
+        missing.append("Triton is not installed")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        missing.append(f"Triton needs compute capability >= 7.0, {gpu_name(device)} is older")
+    if missing and compile_arg:
+        raise UsageError(f"--compile cannot run here: {' and '.join(missing)}; pass --no-compile (or leave "
+                         "--compile out: it is then off where it cannot run)")
+    return not missing, " and ".join(missing)
 
 
 def setup_distributed(device_arg, fsdp=False):
@@ -973,10 +1094,12 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False)
         apply_recompute(raw_model)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 weights gathered for the forward and backward (half the traffic of fp32; autocast would cast them for
-        # the matmuls anyway), the gradients reduced and the fp32 masters stepped in fp32, as in torchtitan. Unlike
-        # DDP's autocast, the activations between blocks (the residual stream) are then bf16 too.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+        # bf16 (or fp16) weights gathered for the forward and backward (half the traffic of fp32; autocast would
+        # cast them for the matmuls anyway), the gradients reduced and the fp32 masters stepped in fp32, as in
+        # torchtitan. Unlike DDP's autocast, the activations between blocks (the residual stream) are then bf16 (fp16)
+        # too. fp16's GradScaler needs nothing of FSDP2: it unscales the sharded gradients, and the DTensor op that
+        # checks them for inf/nan agrees over all ranks, so every rank skips the same steps.
+        mp = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else getattr(torch, dtype),
                                   reduce_dtype=torch.float32)
         for block in raw_model.transformer.h:
             if use_compile:
@@ -990,8 +1113,9 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False)
     return compiled, compiled
 
 
-def accumulate_gradients(model, batches, autocast, parallel=None):
-    """Forward and backward over micro-batches; returns the mean loss. The gradients equal one big batch's."""
+def accumulate_gradients(model, batches, autocast, parallel=None, *, scaler=None):
+    """Forward and backward over micro-batches; returns the mean loss. The gradients equal one big batch's
+    (times the GradScaler's scale, when there is one)."""
     loss_sum = 0.0
     for i, (x, y) in enumerate(batches):
         # DDP and FSDP reduce gradients only in the last micro-step's backward; set before the forward
@@ -1001,9 +1125,28 @@ def accumulate_gradients(model, batches, autocast, parallel=None):
         with (model.no_sync() if parallel == "ddp" and not sync else contextlib.nullcontext()), autocast:
             _, loss = model(x, y)
             loss = loss / len(batches)  # the sum over micro-steps becomes the mean of the big batch
-            loss.backward()
+            # fp16: the loss scaled up (2**16 to begin with) so that small gradients do not flush to zero
+            (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += loss.detach()
     return loss_sum
+
+
+def optimizer_step(optimizer, params, max_norm, scaler=None):
+    """Clip and step; returns the gradient norm before clipping, a tensor (read with the loss: one host sync).
+    With a GradScaler the gradients are unscaled first, so the clip and the norm see the true ones, and the step is
+    skipped when any is inf/nan; the norm is then inf/nan too, which is how the loop tells a skipped step."""
+    if scaler is None:
+        norm = clip_grad_norm(params, max_norm)
+        optimizer.step()
+        return norm
+    if isinstance(optimizer, MuonAdamW):
+        optimizer.share_grads()  # c_attn's gradient reaches unscale_ through Muon's q, k, v views of it
+    scaler.unscale_(optimizer)
+    norm = clip_grad_norm(params, max_norm)
+    # fused AdamW (CUDA) takes the inf flag into its kernel; others make GradScaler read it on the host (a sync)
+    scaler.step(optimizer)
+    scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+    return norm
 
 
 def clip_grad_norm(params, max_norm):
@@ -1070,7 +1213,7 @@ def sharded_like(optimizer_state, optimizer):
     return optimizer_state
 
 
-def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master):
+def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scaler=None):
     """Called on every rank (under FSDP the gather is a collective); rank 0 writes."""
     ckpt = {
         # the raw module: no _orig_mod. (compile) or module. (DDP) prefixes
@@ -1083,6 +1226,8 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master):
         "loader": {"next_step": step, "seed": cfg.seed, "shuffle": cfg.shuffle},
         "rng": {"cpu": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
+        # fp16: the loss scale and its count of clean steps, or a resumed run scales (and skips) differently
+        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
     }
     if master:
         tmp = path + ".tmp"
@@ -1091,12 +1236,14 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master):
 
 
 class Logger:
-    """One line per event on stdout and, as `step stream value`, in log_dir/log.txt (appended, never wiped)."""
+    """One line per event on stdout and, as `step stream value`, in log_dir/log.txt (appended, never wiped); with
+    --wandb the same events, the step line's other figures and the samples also go to a W&B run."""
 
-    def __init__(self, log_dir, enabled):
+    def __init__(self, log_dir, enabled, wandb_project=None, config=None, resume=False):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "log.txt")
         self.header = ""  # written with the first event: a run that fails before any leaves no log.txt
+        self.wandb = open_wandb(wandb_project, log_dir, config, resume) if enabled and wandb_project else None
 
     def start_at(self, step, tokens_per_step):
         """Drop the lines of steps >= step: a killed run logged them after its last checkpoint (the last
@@ -1124,6 +1271,43 @@ class Logger:
             with open(self.path, "a") as f:
                 f.write(self.header + f"{step} {stream} {value:{fmt}}\n")
             self.header = ""
+        self.figures(step, **{stream: value})
+
+    def figures(self, step, **values):
+        """Figures for W&B only (the step line prints them; log.txt keeps the streams above)."""
+        if self.wandb is not None:
+            # W&B drops a step lower than the run's last: after --resume, the steps a killed run had logged
+            # past its checkpoint, which the resumed run repeats exactly (only their timings differ)
+            self.wandb.log(values, step=step)
+
+    def samples(self, step, texts):
+        self.print("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({"samples": wandb.Table(columns=["sample", "text"], data=list(enumerate(texts)))},
+                           step=step)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def open_wandb(project, log_dir, config, resume):
+    """The W&B run of this log_dir: its id is kept in log_dir/wandb_id, so --resume goes on logging to it."""
+    import wandb
+    id_file = os.path.join(log_dir, "wandb_id")
+    run_id = open(id_file).read().strip() if resume and os.path.exists(id_file) else None  # None: W&B picks one
+    try:
+        # dir: its files (all of them, under WANDB_MODE=offline) go to log_dir/wandb/, beside log.txt
+        run = wandb.init(project=project, id=run_id, resume="allow" if run_id else None, dir=log_dir,
+                         config=config, name=os.path.basename(os.path.abspath(log_dir)))
+    except wandb.errors.Error as e:
+        raise UsageError(f"--wandb {project}: W&B did not start ({str(e).strip().splitlines()[0][:200]}); "
+                         "run `wandb login`, or set WANDB_MODE=offline to log to files only") from None
+    with open(id_file + ".tmp", "w") as f:
+        f.write(run.id + "\n")
+    os.replace(id_file + ".tmp", id_file)  # a kill mid-write leaves the old id or the new, never half of one
+    return run
 
 
 def train(cfg, model_cfg, sample_cfg, given=()):
@@ -1225,19 +1409,21 @@ def load_hellaswag(cfg, master):
         return None
 
 
-def evaluate_hellaswag(raw_model, examples, rank, world, device, dtype, distributed):
+def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, distributed):
     """(correct by acc_norm, examples) over all ranks, each scoring its share with the uncompiled model."""
     import hellaswag  # imported here: hellaswag.py imports this file
     with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
         n, _, n_norm = hellaswag.evaluate(raw_model, examples, device, rank=rank, world_size=world,
-                                          autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+                                          autocast_dtype=precision.autocast_dtype)
     counts = all_reduce(torch.tensor([n_norm, n], dtype=torch.long, device=device), distributed)
     return tuple(counts.tolist())
 
 
-def restore_state(ckpt, optimizer, device, sharded):
-    """The optimizer state and the RNGs of a checkpoint; returns the step to continue from."""
+def restore_state(ckpt, optimizer, device, sharded, scaler=None):
+    """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
     optimizer.load_state_dict(sharded_like(ckpt["optimizer"], optimizer) if sharded else ckpt["optimizer"])
+    if scaler is not None and "scaler" in ckpt:  # else a run that was not fp16 goes on in fp16 from a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
@@ -1247,8 +1433,9 @@ def restore_state(ckpt, optimizer, device, sharded):
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    use_compile, compile_note = resolve_compile(cfg.compile, device)  # first: --compile where it cannot run is an error
+    precision = resolve_precision(cfg.dtype, device)
+    scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
     # DDP only where there is another rank to average with: on one GPU under torchrun it would copy every
     # gradient into its buckets for nothing. FSDP shards over any number of ranks, one included.
     parallel = "fsdp" if cfg.fsdp else "ddp" if world > 1 else None
@@ -1263,30 +1450,32 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     ckpt = find_run(cfg, model_cfg, given, master)
     train_shards, val_shards = find_data(cfg.data)
     raw_model = build_model(cfg, model_cfg, given, ckpt)
-    planned = check_memory(raw_model.config, cfg, world, dtype, parallel, accum, device, master)
+    planned = check_memory(raw_model.config, cfg, world, precision.dtype, parallel, accum, device, master)
     raw_model.to(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
+    autocast = precision.autocast(device.type)  # after the memory check: a CUDA autocast needs a CUDA torch
     # the model's vocab_size bounds the data's token ids
     train_loader = DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle)
     val_loader = DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)
     hella_examples = load_hellaswag(cfg, master)
     # val runs the compiled model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
-    model, eval_model = wrap_model(raw_model, parallel, use_compile, dtype, device, cfg.recompute)
+    model, eval_model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer, cfg.muon_lr,
                                     cfg.muon_momentum, cfg.muon_split_qkv)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # read before a checkpoint's state replaces them
-    start_step = restore_state(ckpt, optimizer, device, parallel == "fsdp") if ckpt else 0
+    start_step = restore_state(ckpt, optimizer, device, parallel == "fsdp", scaler) if ckpt else 0
     del ckpt
 
     os.makedirs(cfg.log_dir, exist_ok=True)
-    log = Logger(cfg.log_dir, master)
+    log = Logger(cfg.log_dir, master, cfg.wandb, resume=cfg.resume,
+                 config={**asdict(model_cfg), **asdict(cfg), **asdict(sample_cfg), "world_size": world,
+                         "autocast_dtype": precision.dtype, "compiled": use_compile})
     log.start_at(start_step, cfg.total_batch_size)
     flops_step = flops_per_token(raw_model, T) * cfg.total_batch_size
-    peak = peak_flops(device)
+    peak = peak_flops(device, precision.dtype)
     log.print(f"{raw_model.num_params():,} parameters | {world} process(es) on {device}"
-              f"{f' ({parallel.upper()})' if parallel else ''} | {dtype} | compile {use_compile} | B={B} T={T} "
-              f"accum={accum} | {cfg.total_batch_size:,} tokens/step | {train_loader.seqs_per_epoch * T:,} train tokens"
+              f"{f' ({parallel.upper()})' if parallel else ''} | {precision.reason} | compile {use_compile}"
+              f"{f' ({compile_note})' if compile_note else ''} | B={B} T={T} accum={accum} | "
+              f"{cfg.total_batch_size:,} tokens/step | {train_loader.seqs_per_epoch * T:,} train tokens"
               + (f" | resuming at step {start_step}" if start_step else ""))
 
     # the next step's batches are cut from the shards (numpy: 30-60 ms for 524,288 tokens on a 2-core CPU) in a
@@ -1295,7 +1484,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     load_step = functools.partial(train_loader.step_batches, accum=accum, rank=rank, world=world, B=B,
                                   pin_memory=device.type == "cuda")
     next_batches = prefetcher.submit(load_step, start_step)
-    step_times = []
+    step_times, n_skipped = [], 0
     for step in range(start_step, cfg.max_steps):
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
@@ -1303,47 +1492,66 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
             log.print(f"step {step:5d} | val loss {val_loss:.4f}")
             log.log(step, "val", val_loss, ".4f")
             if hella_examples is not None:
-                correct, total = evaluate_hellaswag(raw_model, hella_examples, rank, world, device, dtype, distributed)
+                correct, total = evaluate_hellaswag(raw_model, hella_examples, rank, world, device, precision,
+                                                    distributed)
                 log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}")
                 log.log(step, "hella", correct / total, ".4f")
         # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
         if (master or parallel == "fsdp") and ((step > 0 and step % cfg.sample_interval == 0) or last):
             with autocast, torch.compiler.set_stance("force_eager"):
-                texts = sample_text(raw_model, sample_cfg, seed=42, device=device)
-            log.print("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
+                log.samples(step, sample_text(raw_model, sample_cfg, seed=42, device=device))
 
         t0 = time.time()
         x, y = (t.to(device, non_blocking=True) for t in next_batches.result())
         if step + 1 < cfg.max_steps:
             next_batches = prefetcher.submit(load_step, step + 1)
         optimizer.zero_grad(set_to_none=True)
-        loss = all_reduce(accumulate_gradients(model, list(zip(x, y)), autocast, parallel), distributed) / world
-        norm = clip_grad_norm(raw_model.parameters(), cfg.grad_clip)
+        loss = accumulate_gradients(model, list(zip(x, y)), autocast, parallel, scaler=scaler)
+        loss = all_reduce(loss, distributed) / world
         lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = lr * (peak_lr / cfg.max_lr)  # one warmup + cosine shape; Muon's group has its own peak
-        optimizer.step()
+        norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, scaler)
         # the step's one wait for the GPU: the log line and the non-finite check need these two numbers. A
         # non-finite step has already changed the weights in memory, but no checkpoint is written after it.
         loss, norm = torch.stack([loss, norm]).tolist()
         dt = time.time() - t0
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            good = find_checkpoint(cfg.log_dir)
-            raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
-                             f"lower --max_lr or check the data. The last good checkpoint is intact: {good}")
+        skipped = step_skipped(loss, norm, scaler, step, cfg.log_dir)
+        n_skipped += skipped
         step_times = (step_times + [dt])[-20:]
         eta = sum(step_times) / len(step_times) * (cfg.max_steps - step - 1)
-        mfu = f" | MFU {flops_step / dt / (peak * world) * 100:.1f}%" if peak else ""
+        mfu = flops_step / dt / (peak * world) * 100 if peak else None
         log.print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                  f"{dt * 1000:.0f} ms | {cfg.total_batch_size / dt:,.0f} tok/s{mfu} | ETA {eta / 60:.1f} min")
+                  f"{dt * 1000:.0f} ms | {cfg.total_batch_size / dt:,.0f} tok/s"
+                  f"{f' | MFU {mfu:.1f}%' if mfu else ''} | ETA {eta / 60:.1f} min"
+                  + (" | skipped: inf/nan fp16 gradients, the loss scale is halved" if skipped else ""))
         log.log(step, "train", loss, ".6f")
+        if skipped:
+            log.log(step, "skipped", 1, "d")
+        log.figures(step, lr=lr, norm=norm, tokens_per_s=cfg.total_batch_size / dt, **({"mfu": mfu} if mfu else {}))
 
         if (step + 1) % cfg.checkpoint_interval == 0 or last:
             save_checkpoint(os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt"), raw_model, optimizer, step + 1, cfg,
-                            device, master)
+                            device, master, scaler)
     prefetcher.shutdown()
+    if scaler is not None:
+        log.print(f"{n_skipped} of steps {start_step}-{cfg.max_steps - 1} skipped for inf/nan fp16 gradients "
+                  f"(loss scale now {scaler.get_scale():g})")
     if device.type == "cuda":
         log.print(f"peak GPU memory {gib(torch.cuda.max_memory_allocated(device))} (the plan: {gib(planned)})")
+    log.close()
+
+
+def step_skipped(loss, norm, scaler, step, log_dir):
+    """Whether GradScaler skipped this step; a UsageError if the run diverged. GradScaler skips a step exactly when
+    an unscaled gradient is inf/nan, and then the norm of them all is too: the norm, read in the step's one sync,
+    says so, where reading the scale back would be a second sync. An fp16 overflow is routine (the scale starts
+    high and halves until the gradients fit); a non-finite loss is divergence, scaler or not."""
+    skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
+    if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
+        raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
+                         f"lower --max_lr or check the data. The last good checkpoint is intact: {find_checkpoint(log_dir)}")
+    return skipped
 
 
 # -----------------------------------------------------------------------------
@@ -1380,8 +1588,9 @@ def main(argv=None):
         model = load_model(source, device)
         if sample_cfg.export:  # the weights as trained (float32), whatever --dtype sampling uses
             print(f"wrote {export_hf(model, sample_cfg.export, source)} (load with transformers' from_pretrained or pipeline)")
-        if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-            model.to(torch.bfloat16)  # sampling reads every weight once per token: half the bytes, ~2x faster
+        half = resolve_precision(cfg.dtype, device).autocast_dtype
+        if half is not None:
+            model.to(half)  # sampling reads every weight once per token: half the bytes, ~2x faster
         if sample_cfg.sample:
             for text in sample_text(model, sample_cfg, seed=cfg.seed, device=device):
                 print(f"{text}\n{'-' * 40}")

@@ -23,7 +23,7 @@ val compile the first validation pass after training compiled: on the training g
 loop        python train_gpt2.py on fineweb.py shards of input.txt, the steady steps' median, run after this
             process gave its GPU memory back; ratio = loop tok/s over the flash model step's.
 
-MFU = tok/s * FLOPs per token / peak dense bf16 FLOP/s (train_gpt2.PEAK_BF16_FLOPS), FLOPs per token =
+MFU = tok/s * FLOPs per token / peak dense bf16 FLOP/s (train_gpt2.PEAK_FLOPS), FLOPs per token =
 6N + 12*L*H*Q*T (PaLM, appendix B; 0.855 GFLOP for 124M at T=1024).
 """
 import argparse
@@ -154,7 +154,7 @@ def main():
     else:
         keep_freed_memory()  # as train_gpt2.py does on a CPU, or the loop would beat the model step here
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    peak = peak_flops(device)
+    peak = peak_flops(device, "bfloat16")  # the bf16 autocast above
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"{name}, torch {torch.__version__}, {'tiny' if args.tiny else 'GPT-2 124M'}: B={B} T={T} accum={accum} "
           f"({total:,} tokens/step)", flush=True)

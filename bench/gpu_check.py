@@ -9,6 +9,8 @@ The checks, each one PASS or FAIL line with its figures:
   train     python train_gpt2.py, no torchrun: 8 steps of 524,288 tokens (--tiny: 512) with val, HellaSwag,
             samples and checkpoints at steps 4 and 8
   memory    the memory plan printed before step 0 vs the measured peak (torch.cuda.max_memory_allocated): within 25%
+  fp16      the same steps with --dtype float16 (fp16 autocast, GradScaler; what --dtype auto picks on a T4, V100
+            or RTX 20xx), no HellaSwag: losses within fp16 noise of the train check's (bf16 on a GPU, fp32 on a CPU)
   resume    --resume from the step-4 checkpoint: steps 4-7 repeat the uninterrupted run's losses
   torchrun  torchrun --standalone --nproc_per_node=1 (NCCL on a GPU): the same losses as without torchrun
   fsdp      the same with --fsdp (FSDP2, bf16 weights on a GPU): the same losses within bf16 rounding
@@ -144,6 +146,26 @@ def main():
     else:
         report("memory", plan is not None and device.type == "cpu",
                f"{plan.split(':')[1].split('=')[0].strip() if plan else 'no plan line'} planned; no measured peak on a CPU")
+
+    # fp16: the recipe for GPUs without bf16 tensor cores, run on this one; it differs from bf16 (or, on a CPU, fp32)
+    # by the rounding of both, and no step may be skipped after the first few (the scale starts at 2**16 and halves
+    # until the gradients fit)
+    fp16_dir = os.path.join(work, "fp16")
+    # (eager on a CPU: compiled, this check took 112 s of the tiny model on the 2-core VM, eager ~15 s)
+    rc, lines = run([py, *train_args, "--log_dir", fp16_dir, "--dtype", "float16", "--no-hellaswag",
+                     *(["--no-compile"] if device.type == "cpu" else [])])
+    fp16 = read_log(os.path.join(fp16_dir, "log.txt"), "train")
+    skipped = sorted(read_log(os.path.join(fp16_dir, "log.txt"), "skipped"))
+    fp16_tol = 5e-2 if device.type == "cuda" else 1e-3
+    diff = max_diff(fp16, train)
+    if rc == 0 and diff <= fp16_tol and all(s < 4 for s in skipped):
+        report("fp16", True, f"{STEPS} steps, GradScaler: max |loss diff| vs the train check {diff:.2g} (<= {fp16_tol}); "
+                             f"skipped steps {skipped or 'none'}")
+    elif rc == 0:
+        report("fp16", False, f"max |loss diff| vs the train check {diff:.2g} (tolerance {fp16_tol}); skipped steps "
+                              f"{skipped} (none allowed after step 3)")
+    else:
+        failed("fp16", rc, lines)
 
     # resume: the step-4 checkpoint alone in a new folder, as a run killed after step 4 leaves it
     resumed_dir = os.path.join(work, "resumed")

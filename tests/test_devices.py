@@ -100,9 +100,9 @@ def test_gpu_check_passes_on_cpu_with_a_tiny_model():
                        capture_output=True, text=True, timeout=600)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert lines[-1] == "9 passed, 0 failed", r.stdout
+    assert lines[-1] == "10 passed, 0 failed", r.stdout
     assert [line.split()[1] for line in lines if line.startswith("PASS")] == \
-        ["train", "memory", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag"]
+        ["train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag"]
 
 
 def _grads_of(model, forward, x, y, autocast):

@@ -444,7 +444,7 @@ def test_bad_shapes_are_clear_errors(tmp_path):
     assert "--total_batch_size 256" in msg
     expect_error(base + ["--device", "cuda"], "no CUDA")
     expect_error(base + ["--device", "gpu"], "not a device")
-    expect_error(base + ["--dtype", "float16"], "--dtype float16: it takes auto, float32 or bfloat16")
+    expect_error(base + ["--dtype", "fp16"], "--dtype fp16: it takes auto, float32, bfloat16 or float16")
     expect_error(base + ["--eval_interval", "0"], "--eval_interval 0: it takes an integer >= 1")
 
 
