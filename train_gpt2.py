@@ -1049,6 +1049,8 @@ class Logger:
 
 
 def train(cfg, model_cfg, sample_cfg, given=()):
+    # No SIGTERM handler: torchrun stops the ranks of a failed group with SIGTERM, whose default action ends a rank
+    # at once, even inside a collective; a Python handler would run only after that collective gave up
     distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp, cfg.dist_timeout)
     try:
         _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from test_train import TINY, assert_same_weights
+from test_train import TINY, assert_same_weights, expect_error
 
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # checkpoints at steps 4, 8 and 10
@@ -104,3 +104,14 @@ def test_torchrun_restarts_a_group_with_a_dead_rank_and_ends_as_the_uninterrupte
     assert (tmp_path / "run" / "log.txt").read_text() == (oracle / "log.txt").read_text()
     for ckpt in ("model_000008.pt", "model_000010.pt"):
         assert_same_weights(oracle / ckpt, tmp_path / "run" / ckpt)
+
+
+def test_restarts_over_several_nodes_on_torchruns_shared_store_stop_with_the_fix(tmp_path, monkeypatch):
+    # what torchrun --nnodes=2 --max-restarts 3 gives each worker: the restart counts of two agents, which may
+    # disagree, cannot keep the attempts apart in the store they share
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2",
+                 "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "0",
+                 "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(k, v)
+    expect_error(ARGS + ["--log_dir", str(tmp_path / "run")], "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    assert not (tmp_path / "run").exists()
