@@ -712,7 +712,8 @@ class TrainConfig:
     # seconds a rank waits on the others (a collective, the process group's setup) before it exits non-zero, so that
     # torchrun --max-restarts can restart a group with a dead or hung rank; torch's default is 30 min (gloo) or 10
     # (NCCL). The longest legitimate wait is the other ranks at the next collective while rank 0 writes a
-    # checkpoint: ~18 GB at gpt2-xl, 3 min at 100 MB/s. Raise it on a slower disk
+    # checkpoint: 18.7 GB at gpt2-xl, 3 min at 100 MB/s; raise it on a slower disk. (The first torch.compile runs on
+    # every rank at once: the others wait only for the slowest.)
     dist_timeout: int = 600
     resume: bool = False  # continue from the newest checkpoint in log_dir
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
