@@ -46,11 +46,14 @@ def torchrun(launcher, args, cwd, timeout=300):
     fails: a group that hangs is the bug this file guards against."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen(launcher + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, start_new_session=True)  # its own process group: the workers die with it
+                         env=env)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        # torchrun starts each worker in a session of its own: killed one by one, or they would hold the pipes open
+        workers = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+        for pid in workers + [str(p.pid)]:
+            os.kill(int(pid), signal.SIGKILL)
         out, err = p.communicate()
         pytest.fail(f"still running after {timeout} s: {' '.join(args[-12:])}\n{err[-3000:]}")
     return p.returncode, out, err
