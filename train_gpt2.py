@@ -14,6 +14,7 @@ reasons are; a --preset sets several at once and explicit flags override it.
 import argparse
 import contextlib
 import ctypes
+import datetime
 import functools
 import glob
 import json
@@ -837,6 +838,12 @@ class TrainConfig:
     hellaswag_data: str = None  # hellaswag_val.jsonl or its folder; default: hellaswag.py's download cache
     sample_interval: int = 250
     checkpoint_interval: int = 5000
+    # seconds a rank waits on the others (a collective, the process group's setup) before it exits non-zero, so that
+    # torchrun --max-restarts can restart a group with a dead or hung rank; torch's default is 30 min (gloo) or 10
+    # (NCCL). The longest legitimate wait is the other ranks at the next collective while rank 0 writes a
+    # checkpoint: 18.7 GB at gpt2-xl, 3 min at 100 MB/s; raise it on a slower disk. (The first torch.compile runs on
+    # every rank at once: the others wait only for the slowest.)
+    dist_timeout: int = 600
     resume: bool = False  # continue from the newest checkpoint in log_dir
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
     recompute: bool = False  # activation checkpointing: each block keeps only its input and recomputes in backward
@@ -919,7 +926,7 @@ def check_config(model_cfg, cfg, sample_cfg):
         need(f.type is not float or value is None or math.isfinite(value), f.name, "a finite number")
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "seq_len",
                  "total_batch_size", "max_steps", "eval_interval", "val_tokens", "sample_interval",
-                 "checkpoint_interval", "num_samples", "max_new_tokens", "top_k"):
+                 "checkpoint_interval", "dist_timeout", "num_samples", "max_new_tokens", "top_k"):
         need(getattr(values, name) >= 1, name, "an integer >= 1")
     need(model_cfg.vocab_size >= GPT2_VOCAB, "vocab_size", f"an integer >= {GPT2_VOCAB}, the GPT-2 tokenizer's size")
     need(model_cfg.n_embd % model_cfg.n_head == 0, "n_embd", f"a multiple of --n_head {model_cfg.n_head}")
@@ -1039,19 +1046,37 @@ def resolve_compile(compile_arg, device):
     return not missing, " and ".join(missing)
 
 
-def setup_distributed(device_arg, fsdp=False):
-    """(distributed, rank, world size, device). Under torchrun, and for --fsdp, also the process group."""
+def attempt_store(timeout):
+    """torchrun's TCPStore under a prefix naming this attempt. torchrun (2.5+) keeps one store for every restart
+    of the group, so without it a restarted rank reads the dead attempt's keys (gloo's peer addresses, NCCL's
+    unique id): 'Connection refused', or ranks that wait for each other forever (pytorch#135712)."""
+    # the restart count names the attempt for every rank of one agent; each node's agent keeps its own count
+    if int(os.environ["GROUP_WORLD_SIZE"]) > 1 and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) > 0:
+        raise UsageError("torchrun --max-restarts over several nodes shares one TCPStore between attempts, which "
+                         "a restarted group misreads: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
+def setup_distributed(device_arg, fsdp=False, timeout_s=600):
+    """(distributed, rank, world size, device). Under torchrun, and for --fsdp, also the process group, whose
+    waits on other ranks give up after timeout_s (--dist_timeout) with an error instead of hanging."""
     torchrun = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = resolve_device(device_arg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if torchrun:
-        dist.init_process_group(backend=backend)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if torchrun and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        dist.init_process_group(backend=backend, store=attempt_store(timeout), rank=rank, world_size=world,
+                                timeout=timeout)
+    elif torchrun:  # a store of this attempt's own: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or another launcher
+        dist.init_process_group(backend=backend, timeout=timeout)
     elif fsdp:
         # FSDP2 shards over a process group even in one process: a group of one, no rendezvous needed
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return torchrun or fsdp, rank, world, device
 
 
@@ -1311,7 +1336,9 @@ def open_wandb(project, log_dir, config, resume):
 
 
 def train(cfg, model_cfg, sample_cfg, given=()):
-    distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp)
+    # No SIGTERM handler: torchrun stops the ranks of a failed group with SIGTERM, whose default action ends a rank
+    # at once, even inside a collective; a Python handler would run only after that collective gave up
+    distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp, cfg.dist_timeout)
     try:
         _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
         if distributed:
@@ -1319,6 +1346,14 @@ def train(cfg, model_cfg, sample_cfg, given=()):
     except torch.OutOfMemoryError as e:
         # log lines are written whole and checkpoints by rename, so nothing on disk is half-written
         raise UsageError(out_of_memory_advice(str(e), cfg)) from None
+    except RuntimeError as e:
+        # a rank died or stopped answering (NCCL raises a DistError, gloo a RuntimeError naming its source file):
+        # one line and exit 1, on which torchrun --max-restarts restarts the group
+        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+            raise
+        raise UsageError(f"rank {rank}: another rank died or did not answer within --dist_timeout {cfg.dist_timeout} "
+                         f"s ({str(e).splitlines()[0]}); with torchrun --max-restarts and --resume the run goes on "
+                         "from its last checkpoint") from None
     finally:
         if distributed:
             dist.destroy_process_group()

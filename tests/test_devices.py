@@ -40,7 +40,7 @@ def test_cuda_means_an_indexed_gpu_with_and_without_torchrun(fake_cuda, monkeypa
     assert setup_distributed("cuda:1")[3] == torch.device("cuda", 1)
     # under torchrun each process takes GPU LOCAL_RANK and the process group talks NCCL
     backends = []
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: backends.append(backend))
     monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
     assert setup_distributed("cuda") == (True, 3, 4, torch.device("cuda", 1))
     assert setup_distributed("auto") == (True, 3, 4, torch.device("cuda", 1))

@@ -379,6 +379,7 @@ BAD_FLAGS = [
     ("n_embd", "0"), ("block_size", "0"), ("vocab_size", "1000"), ("temperature", "-1.0"), ("temperature", "nan"),
     ("max_new_tokens", "-1"), ("max_new_tokens", "0"), ("top_k", "0"), ("num_samples", "0"),
     ("optimizer", "sgd"), ("muon_lr", "nan"), ("muon_lr", "-0.02"), ("muon_momentum", "1.5"),
+    ("dist_timeout", "0"), ("dist_timeout", "-600"),
 ]
 
 
