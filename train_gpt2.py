@@ -1618,7 +1618,7 @@ def main(argv=None):
             return train(cfg, model_cfg, sample_cfg, given)
         source = cfg.init_from or find_checkpoint(cfg.log_dir)
         if source is None:
-            raise UsageError(f"nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")
+            raise UsageError("nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")
         device = resolve_device(cfg.device)
         model = load_model(source, device)
         if sample_cfg.export:  # the weights as trained (float32), whatever --dtype sampling uses

@@ -34,6 +34,17 @@ def saved_bytes(model, x, y):
     return sum(seen.values())
 
 
+def kept_bytes(model_cfg, B, T, recompute):
+    """(what autograd keeps for backward of one float32 micro-batch of a fresh model, what the plan says it keeps)"""
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    if recompute:
+        apply_recompute(model)
+    x = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(0))
+    plan = memory_plan(model_cfg, TrainConfig(batch_size=B, seq_len=T, recompute=recompute), 1, "float32", None, 1)
+    return saved_bytes(model, x, x), plan["activations kept for backward"]
+
+
 def main():
     sizes = (1, 2, 4, 8, 16, 32, 64)
     print("GiB per GPU by micro-batch B, recompute off / on (80 GB = 74.5 GiB, 40 GB = 37.3 GiB):\n")
@@ -53,14 +64,7 @@ def main():
     print("\nOn this CPU, float32: bytes autograd keeps for backward (saved_tensors_hooks) vs the plan's formula")
     model_cfg = GPTConfig(block_size=256, n_layer=6, n_head=4, n_embd=256)
     for recompute in (False, True):
-        torch.manual_seed(0)
-        model = GPT(model_cfg)
-        if recompute:
-            apply_recompute(model)
-        x = torch.randint(0, 50257, (2, 256))
-        measured = saved_bytes(model, x, x)
-        planned = memory_plan(model_cfg, TrainConfig(batch_size=2, seq_len=256, recompute=recompute), 1, "float32",
-                              None, 1)["activations kept for backward"]
+        measured, planned = kept_bytes(model_cfg, 2, 256, recompute)
         print(f"6 layers, width 256, B=2, T=256, recompute {'on ' if recompute else 'off'}: measured "
               f"{measured / 2**20:.1f} MiB, formula {planned / 2**20:.1f} MiB ({measured / planned:.3f}x)")
 

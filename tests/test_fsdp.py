@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import hellaswag
 from conftest import ROOT
 from test_train import TINY, expect_error, read_log, run_script
-from train_gpt2 import GPT, GPT2_VOCAB, PRESETS, DataLoader, GPTConfig, evaluate_val, load_model, main, parse_args
+from train_gpt2 import GPT, GPT2_VOCAB, DataLoader, GPTConfig, evaluate_val, load_model, main, parse_args
 
 FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

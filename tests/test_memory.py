@@ -13,41 +13,24 @@ import torch
 import train_gpt2
 from conftest import ROOT
 from test_train import TINY, expect_error, read_log, run_script
-from train_gpt2 import GPT, GPTConfig, TrainConfig, apply_recompute, configure_optimizer, main, memory_plan
+from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, main, memory_plan
 
 TINY_RUN = TINY + ["--data", str(ROOT / "input.txt")]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_memory import saved_bytes  # noqa: E402  (the bench prints what these tests assert)
+from bench_memory import kept_bytes  # noqa: E402  (the bench prints what these tests assert)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_activation_formula_matches_what_autograd_keeps(recompute):
-    model_cfg = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128)
-    cfg = TrainConfig(batch_size=2, seq_len=64, recompute=recompute)
-    torch.manual_seed(0)
-    model = GPT(model_cfg)
-    if recompute:
-        apply_recompute(model)
-    x = torch.randint(0, 50257, (2, 64))
-    measured = saved_bytes(model, x, x)
-    planned = memory_plan(model_cfg, cfg, 1, "float32", None, 1)["activations kept for backward"]
+    measured, planned = kept_bytes(GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128), 2, 64, recompute)
     assert abs(measured - planned) <= 0.01 * planned, (measured, planned)
 
 
 def test_recompute_keeps_fewer_bytes_by_at_least_the_planned_factor():
     model_cfg = GPTConfig(block_size=64, n_layer=6, n_head=4, n_embd=256)
-    plans = [memory_plan(model_cfg, TrainConfig(batch_size=2, seq_len=64, recompute=r), 1, "float32", None, 1)
-             for r in (False, True)]
-    predicted = plans[0]["activations kept for backward"] / plans[1]["activations kept for backward"]
-    measured = []
-    for recompute in (False, True):
-        torch.manual_seed(0)
-        model = GPT(model_cfg)
-        if recompute:
-            apply_recompute(model)
-        x = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
-        measured.append(saved_bytes(model, x, x))
-    assert measured[1] < measured[0] and measured[0] / measured[1] >= 0.99 * predicted > 1.2
+    (measured_off, planned_off), (measured_on, planned_on) = (kept_bytes(model_cfg, 2, 64, r) for r in (False, True))
+    assert measured_on < measured_off
+    assert measured_off / measured_on >= 0.99 * planned_off / planned_on and planned_off / planned_on > 1.2
 
 
 def test_recompute_trains_exactly_as_without(tmp_path):
