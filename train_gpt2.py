@@ -739,6 +739,12 @@ def peak_flops_of(device_name):
 # memory
 
 
+@functools.lru_cache(maxsize=8)
+def meta_model(**shape):
+    with torch.device("meta"):  # shapes only: an XL fits no CPU with its optimizer
+        return GPT(GPTConfig(**shape))
+
+
 def memory_plan(model_cfg, cfg, world, dtype, parallel, accum):
     """
     What one micro-batch step holds on each GPU (rank 0: the largest shard), in bytes by part, before step 0.
@@ -747,8 +753,7 @@ def memory_plan(model_cfg, cfg, world, dtype, parallel, accum):
     CPU with saved_tensors_hooks, tests/test_memory.py), and the logits' transient copies around the loss. Left
     out: allocator slack, the CUDA context (~0.5 GB), NCCL's buffers and torch.compile's workspace.
     """
-    with torch.device("meta"):  # shapes only: an XL fits no CPU with its optimizer
-        model = GPT(model_cfg)
+    model = meta_model(**asdict(model_cfg))
     params = list(model.parameters())
     # FSDP2 cuts each parameter into world row-chunks (torch.chunk's sizes); rank 0 has the largest
     local = (lambda p: math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0])) if parallel == "fsdp" else torch.numel
