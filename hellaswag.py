@@ -119,22 +119,38 @@ def load_examples(split="val", data=None, limit=None):
     return examples
 
 
-def render_example(example):
-    """
-    tokens, mask: LongTensors (4, L), one row per ending: the context's tokens, then the ending's,
-    right-padded with 0s to the longest row; mask is 1 on the ending's tokens only. label: int.
-    """
-    enc = get_tokenizer()
-    ctx = enc.encode_ordinary(example["ctx"])
+def ending_tokens(example):
     # the leading space makes the ending's first word the same token as mid-sentence, as GPT-2 saw it
-    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
-    L = len(ctx) + max(len(e) for e in endings)
-    tokens = torch.zeros((4, L), dtype=torch.long)
-    mask = torch.zeros((4, L), dtype=torch.long)
-    for i, ending in enumerate(endings):
-        n = len(ctx) + len(ending)
-        tokens[i, :n] = torch.tensor(ctx + ending)
-        mask[i, len(ctx):n] = 1
+    return [get_tokenizer().encode_ordinary(" " + ending) for ending in example["endings"]]
+
+
+def fit_to_block(examples, block_size):
+    """(the examples a model of block_size can score, a one-line note on the ones it cannot, or None): every
+    ending token is scored after at least one token of context."""
+    kept = [ex for ex in examples if max(map(len, ending_tokens(ex))) < block_size]
+    if len(kept) == len(examples):
+        return kept, None
+    return kept, (f"{len(examples) - len(kept)} of {len(examples)} HellaSwag examples left out: an ending of "
+                  f"{block_size} tokens or more leaves a block_size {block_size} model no context to score it after")
+
+
+def render_example(example, block_size=None):
+    """
+    tokens, mask: LongTensors (4, L), one row per ending: the context's tokens, then the ending's, each row cut on
+    its own to its last block_size tokens and right-padded with 0s to the longest; mask is 1 on the ending's tokens.
+    label: int.
+    """
+    ctx = get_tokenizer().encode_ordinary(example["ctx"])
+    endings = ending_tokens(example)
+    if block_size is not None and max(map(len, endings)) >= block_size:
+        raise UsageError(f"HellaSwag example {example.get('ind', '')} has an ending too long for block_size "
+                         f"{block_size}: leave it out with fit_to_block")
+    rows = [(ctx + ending)[-block_size:] if block_size else ctx + ending for ending in endings]
+    tokens = torch.zeros((4, max(map(len, rows))), dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, (row, ending) in enumerate(zip(rows, endings)):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(row) - len(ending):len(row)] = 1
     return tokens, mask, example["label"]
 
 
@@ -168,10 +184,9 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
         raise UsageError(f"batch_size must be >= 1 (got {batch_size})")
     was_training = model.training
     model.eval()
-    # a model with a shorter context than an example (a small test model: GPT-2's 1024 fits them all)
-    # reads its last block_size tokens: the endings and as much of the context as fits
-    bs = model.config.block_size
-    rendered = [(t[:, -bs:], m[:, -bs:], label) for t, m, label in map(render_example, examples[rank::world_size])]
+    # a model with a shorter context than an example (a small test model: GPT-2's 1024 fits them all) reads, per
+    # ending, the ending and as much of the context before it as fits
+    rendered = [render_example(ex, model.config.block_size) for ex in examples[rank::world_size]]
     # longest first, so each batch holds similar lengths and little compute goes to padding; the
     # first batch is the largest, so an out-of-memory batch_size fails at once, not at the end
     order = sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1), reverse=True)
@@ -179,7 +194,7 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     bar = tqdm(total=len(rendered), desc="hellaswag", unit="ex", disable=not progress, dynamic_ncols=True)
     # every rank runs as many forwards as the rank with the most examples: under FSDP each one is a collective
     n_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: FSDP2 would gather its weights as inference tensors
         for start in range(0, n_batches * batch_size, batch_size):
             batch = [rendered[i] for i in order[start:start + batch_size]]
             if not batch:
@@ -225,6 +240,11 @@ def main():
         examples = load_examples(args.split, args.data, args.limit)  # before the model: bad data fails fast
         device = resolve_device(args.device)
         model = load_model(args.model, device)
+        examples, note = fit_to_block(examples, model.config.block_size)
+        if note:
+            print(note)
+        if not examples:
+            raise UsageError(f"no example left to score at block_size {model.config.block_size}")
         # train_gpt2.py's --dtype auto: bf16 or fp16 autocast on a GPU, whichever it has tensor cores for (no
         # GradScaler: nothing is backpropagated); the losses are float32 either way
         precision = resolve_precision("auto", device)

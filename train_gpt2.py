@@ -384,7 +384,7 @@ def export_hf(model, folder, source=None):
 # sampling
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2's first all-gather would make its unsharded weights inference tensors
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
     """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 is greedy decoding."""
     if top_k is not None and top_k <= 0:
@@ -585,6 +585,17 @@ def find_data(path):
                          f"(or --input FILES for local text), pass --data FOLDER_OR_TXT, "
                          "or try `python train_gpt2.py --preset shakespeare`")
     return train, val
+
+
+def data_identity(path):
+    """What --data holds, whatever its spelling (./input.txt, a moved checkout): its files' names and sizes."""
+    files = [path] if path.endswith(".txt") else sorted(glob.glob(os.path.join(path, "*_*.npy")))
+    return [(os.path.basename(f), os.path.getsize(f)) for f in files]
+
+
+def check_same_data(path, rank_0_data):
+    if data_identity(path) != rank_0_data:
+        raise UsageError(f"--data {path} holds other files here than on rank 0: give every node the same shards")
 
 
 # -----------------------------------------------------------------------------
@@ -808,7 +819,8 @@ def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
 
     def largest(**kw):  # the largest micro-batch that fits and divides the step (accumulation fills the rest)
         return next((b for b in range(cfg.batch_size, 0, -1) if per_rank % b == 0 and sum(memory_plan(
-            model_cfg, replace(cfg, batch_size=b, **kw), world, dtype, parallel, accum).values()) <= free), None)
+            model_cfg, replace(cfg, batch_size=b, **kw), world, dtype, parallel, per_rank // b).values()) <= free),
+            None)
     if b := largest():
         fix = f"use --batch_size {b} (accumulation keeps --total_batch_size)"
     elif not cfg.recompute and (b := largest(recompute=True)):
@@ -981,7 +993,30 @@ def resolve_device(device_arg, local_rank=0):
         if device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device} asked for, but this machine has {torch.cuda.device_count()} "
                              "GPU(s); use --device cuda (under torchrun, one GPU per process)")
+        check_arch(device)
     return device
+
+
+def check_arch(device):
+    """A GPU this torch has no kernels for fails at its first kernel ("no kernel image is available"): say so first.
+    It runs an sm_XY cubin of its own major at or below its capability, or a compute_XY (PTX) at or below it."""
+    archs = torch.cuda.get_arch_list()
+    if not archs:
+        return  # a torch that does not say what it carries
+    major, minor = torch.cuda.get_device_capability(device)
+    for arch in archs:  # e.g. sm_80, sm_90a (that capability only), compute_90 (PTX, compiled by the driver)
+        if not (parsed := re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)):
+            continue
+        kind, m, n, suffix = parsed[1], int(parsed[2]), int(parsed[3]), parsed[4]
+        if kind == "sm" and m == major and (n == minor if suffix == "a" else n <= minor):
+            return
+        if kind == "compute" and not suffix and (m, n) <= (major, minor):
+            return
+    fix = (f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu126 "
+           "(the CUDA 12.6 wheels still carry Pascal and Volta)" if (major, minor) < (7, 5)
+           else "a torch built for a newer CUDA, from https://pytorch.org/get-started/locally/")
+    raise UsageError(f"{gpu_name(device)} has no kernels in this torch {torch.__version__} (CUDA {torch.version.cuda}, "
+                     f"built for {' '.join(archs)}): install {fix}, then pip install -r requirements.txt")
 
 
 class Precision(NamedTuple):
@@ -1103,6 +1138,37 @@ def all_reduce(t, distributed):
     return t
 
 
+def on_every_rank(fn, distributed):
+    """fn() on every rank; if any rank raised a UsageError, every rank raises the first one: a branch that changes
+    which collectives run (data found, HellaSwag loaded or skipped) is then taken by all ranks or by none."""
+    try:
+        result, error = fn(), None
+    except UsageError as e:
+        result, error = None, str(e)
+    if distributed and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+    if error:
+        raise UsageError(error)
+    return result
+
+
+def on_rank_0(fn, distributed):
+    """fn() on rank 0, its result (or UsageError) broadcast: what rank 0 sees on its disk is what every rank does."""
+    box = [None, None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except UsageError as e:
+            box[1] = str(e)
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    if box[1]:
+        raise UsageError(box[1])
+    return box[0]
+
+
 def apply_recompute(model):
     """Activation checkpointing per block (non-reentrant): in training a block keeps only its input and runs its
     forward again in backward. The model's modules and state_dict keys are untouched."""
@@ -1115,11 +1181,9 @@ def apply_recompute(model):
 
 
 def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False):
-    """(the model the step runs, the model val runs). parallel: None, "ddp" or "fsdp".
-
-    Recompute, then compile, then DDP or sharding (as in torchtitan): DDP wraps the compiled graph, and FSDP2's hooks,
-    which Dynamo cannot trace, stay eager around each compiled block. fully_shard changes raw_model in place:
-    under FSDP every forward of it, sampling and HellaSwag included, is a collective of all ranks."""
+    """The model the step and val run. parallel: None, "ddp" or "fsdp". Recompute, then compile, then DDP or
+    sharding (as in torchtitan). fully_shard changes raw_model in place: under FSDP every forward of it,
+    sampling and HellaSwag included, is a collective of all ranks."""
     if recompute:
         apply_recompute(raw_model)
     if parallel == "fsdp":
@@ -1136,11 +1200,11 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False)
                 block.forward = torch.compile(block.forward, fullgraph=True)  # keeps the state_dict keys
             fully_shard(block, mp_policy=mp)
         fully_shard(raw_model, mp_policy=mp)  # the rest, one unit: wte (= the tied lm_head), wpe, ln_f
-        return raw_model, raw_model
+        return raw_model
     compiled = torch.compile(raw_model, fullgraph=True) if use_compile else raw_model  # a graph break is an error
     if parallel == "ddp":
-        return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None), compiled
-    return compiled, compiled
+        return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+    return compiled
 
 
 def accumulate_gradients(model, batches, autocast, parallel=None, *, scaler=None):
@@ -1186,27 +1250,32 @@ def clip_grad_norm(params, max_norm):
 
 
 def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=False):
-    # The training graph as it is, autograd on, never backpropagated: GPT-2 here has no dropout, so train mode
-    # computes the same loss, and under torch.compile eval mode or no_grad would compile a second graph
-    # (33 s for 124M on an H200). The autograd graph of each batch is freed with its loss.
+    # The step's module and graph, autograd on and never backpropagated: GPT-2 here has no dropout, so train
+    # mode computes the same loss, and eval mode or no_grad would compile a second graph (33 s for 124M on an
+    # H200). Through DDP (under no_sync) so that dynamo's DDPOptimizer splits the graph whatever compiles first.
     n_seqs = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch)
     mine = list(range(rank, n_seqs, world))
     total = torch.zeros(2, device=device)  # sum of per-token losses, number of tokens
     # every rank runs the same number of batches, some perhaps empty: under FSDP each forward is a collective
-    for i in range(0, math.ceil(n_seqs / world), cfg.batch_size):
-        x, y = loader.batch(mine[i:i + cfg.batch_size])
-        n_tokens = y.numel()
-        # a short last batch is padded to the compiled shape (a new shape would compile again); its -1
-        # targets are ignored by the loss
-        pad = (0, 0, 0, cfg.batch_size - len(x))
-        x, y = F.pad(x, pad).to(device), F.pad(y, pad, value=-1).to(device)
-        with autocast:
-            _, loss = model(x, y)
-        if n_tokens:  # an empty batch's loss is nan (a mean over no tokens)
-            total[0] += loss.detach() * n_tokens
-            total[1] += n_tokens
+    with model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext():
+        for i in range(0, math.ceil(n_seqs / world), cfg.batch_size):
+            x, y = loader.batch(mine[i:i + cfg.batch_size])
+            n_tokens = y.numel()
+            # a short last batch is padded to the compiled shape (a new shape would compile again); its -1
+            # targets are ignored by the loss
+            pad = (0, 0, 0, cfg.batch_size - len(x))
+            loss = batch_loss(model, F.pad(x, pad).to(device), F.pad(y, pad, value=-1).to(device), autocast)
+            if n_tokens:  # an empty batch's loss is nan (a mean over no tokens)
+                total[0] += loss * n_tokens
+                total[1] += n_tokens
     total = all_reduce(total, distributed)
     return (total[0] / total[1]).item()
+
+
+def batch_loss(model, x, y, autocast):
+    # a function of its own: the logits and the autograd graph die on return, before the next batch's forward
+    with autocast:
+        return model(x, y)[1].detach()
 
 
 def find_checkpoint(log_dir):
@@ -1252,6 +1321,7 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
         "optimizer": gathered(optimizer.state_dict(), master),
         "step": step,  # steps done; the next step to run
         "args": asdict(cfg),
+        "data": data_identity(cfg.data),  # what --data held, so a resume can tell the same data under another name
         # the loader is a pure function of (step, seed, shuffle): these make its position explicit
         "loader": {"next_step": step, "seed": cfg.seed, "shuffle": cfg.shuffle},
         "rng": {"cpu": torch.get_rng_state(),
@@ -1388,34 +1458,50 @@ def out_of_memory_advice(message, cfg):
     free = re.search(r"of which ([\d.]+ \w+) is free", message)
     figures = (f"asked for {asked[1]} with {free[1]} free" if asked and free
                else message.splitlines()[0][:200] if message else "no details")
-    fix = f"--batch_size {cfg.batch_size // 2}" if cfg.batch_size > 1 else "--recompute or --fsdp"
-    return (f"out of memory ({figures}): try {fix} (accumulation keeps --total_batch_size), --recompute, or --fsdp "
-            "under torchrun; the last checkpoint and log.txt are intact")
+    smaller = f"--batch_size {cfg.batch_size // 2} (accumulation keeps --total_batch_size), " if cfg.batch_size > 1 else ""
+    return (f"out of memory ({figures}): try {smaller}--recompute, or --fsdp under torchrun; "
+            "the last checkpoint and log.txt are intact")
 
 
-def find_run(cfg, model_cfg, given, master):
-    """The checkpoint to resume (checked against the flags), or None for a fresh run that clobbers nothing."""
+def find_run(cfg):
+    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides."""
     ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
-    if cfg.resume and ckpt_path is None and master:
+    if cfg.resume and ckpt_path is None:
         # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
         print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
     if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
         raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
                          "or a new --log_dir (or delete the folder) to start afresh")
-    if ckpt_path is None:
-        return None
+    return ckpt_path
+
+
+# a resumed run follows the command line for these; the data order depends on the ones it refuses to change
+FOLLOWED = ("max_lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "muon_lr", "muon_momentum")
+DATA_ORDER = ("seed", "shuffle", "seq_len", "total_batch_size")
+
+
+def load_run(ckpt_path, cfg, model_cfg, given, master):
+    """The checkpoint to resume, checked against the flags: a change that would alter the data order is refused."""
     ckpt = load_checkpoint(ckpt_path)
     check_shape(GPTConfig(**ckpt["config"]), model_cfg, given, ckpt_path)
-    # the data order depends on these (not on batch_size, the number of GPUs or --fsdp, which may change)
-    changed = [k for k in ("seed", "shuffle", "seq_len", "total_batch_size", "data") if ckpt["args"][k] != getattr(cfg, k)]
+    args = ckpt["args"]
+    changed = [f"--{k} {args[k]}" for k in DATA_ORDER if args[k] != getattr(cfg, k)]
+    # older checkpoints name their data only by the --data string
+    same_data = (ckpt["data"] == data_identity(cfg.data) if "data" in ckpt
+                 else os.path.realpath(args["data"]) == os.path.realpath(cfg.data))
+    if not same_data:
+        changed.append(f"--data {args['data']} (other files than --data {cfg.data} holds now)")
     if changed:
-        raise UsageError(f"{ckpt_path} was trained with " + ", ".join(f"--{k} {ckpt['args'][k]}" for k in changed)
+        raise UsageError(f"{ckpt_path} was trained with " + ", ".join(changed)
                          + "; resume with the same values (or start a new --log_dir)")
     # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
-    opt, split = ckpt["args"].get("optimizer", "adamw"), ckpt["args"].get("muon_split_qkv", True)
+    opt, split = args.get("optimizer", "adamw"), args.get("muon_split_qkv", True)
     if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
         flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
         raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
+    followed = [f"--{k} {getattr(cfg, k)} (was {args[k]})" for k in FOLLOWED if args.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+    if followed and master:
+        print(f"--resume follows the command line: {', '.join(followed)}", flush=True)
     return ckpt
 
 
@@ -1437,16 +1523,21 @@ def build_model(cfg, model_cfg, given, ckpt):
     return model
 
 
-def load_hellaswag(cfg, master):
+def load_hellaswag(cfg, block_size, master, distributed):
+    """The HellaSwag examples that fit block_size on every rank, or None on every rank if any rank lacks them."""
     if not cfg.hellaswag:
         return None
     import hellaswag
     try:
-        return hellaswag.load_examples("val", data=cfg.hellaswag_data)
+        examples = on_every_rank(lambda: hellaswag.load_examples("val", data=cfg.hellaswag_data), distributed)
     except UsageError as e:
         if master:
             print(f"HellaSwag skipped: {e}", flush=True)
         return None
+    examples, note = hellaswag.fit_to_block(examples, block_size)
+    if note and master:
+        print(note, flush=True)
+    return examples or None
 
 
 def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, distributed):
@@ -1487,22 +1578,31 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
 
-    ckpt = find_run(cfg, model_cfg, given, master)
-    train_shards, val_shards = find_data(cfg.data)
-    raw_model = build_model(cfg, model_cfg, given, ckpt)
-    planned = check_memory(raw_model.config, cfg, world, precision.dtype, parallel, accum, device, master)
+    # read on every rank, from each one's disk: a rank that cannot stops them all, before any collective differs
+    train_shards, val_shards = on_every_rank(lambda: find_data(cfg.data), distributed)
+    rank_0_data = on_rank_0(lambda: data_identity(cfg.data), distributed)
+    on_every_rank(lambda: check_same_data(cfg.data, rank_0_data), distributed)
+    ckpt_path = on_rank_0(lambda: find_run(cfg), distributed)
+    ckpt = on_every_rank(lambda: load_run(ckpt_path, cfg, model_cfg, given, master), distributed) if ckpt_path else None
+    raw_model = on_every_rank(lambda: build_model(cfg, model_cfg, given, ckpt), distributed)
+    planned = on_every_rank(lambda: check_memory(raw_model.config, cfg, world, precision.dtype, parallel, accum,
+                                                 device, master), distributed)
     raw_model.to(device)
     autocast = precision.autocast(device.type)  # after the memory check: a CUDA autocast needs a CUDA torch
     # the model's vocab_size bounds the data's token ids
-    train_loader = DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle)
-    val_loader = DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)
-    hella_examples = load_hellaswag(cfg, master)
-    # val runs the compiled model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
-    model, eval_model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
+    train_loader, val_loader = on_every_rank(lambda: (
+        DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle),
+        DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)), distributed)
+    hella_examples = load_hellaswag(cfg, raw_model.config.block_size, master, distributed)
+    # val runs the step's model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
+    model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer, cfg.muon_lr,
                                     cfg.muon_momentum, cfg.muon_split_qkv)
-    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # read before a checkpoint's state replaces them
+    hypers = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     start_step = restore_state(ckpt, optimizer, device, parallel == "fsdp", scaler) if ckpt else 0
+    for group, h in zip(optimizer.param_groups, hypers):
+        group.update(h)  # load_state_dict brought back the checkpoint's weight_decay, lr...: the command line wins
+    peak_lrs = [h["lr"] for h in hypers]
     del ckpt
 
     os.makedirs(cfg.log_dir, exist_ok=True)
@@ -1528,7 +1628,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     for step in range(start_step, cfg.max_steps):
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate_val(eval_model, val_loader, cfg, rank, world, device, autocast, distributed)
+            val_loss = evaluate_val(model, val_loader, cfg, rank, world, device, autocast, distributed)
             log.print(f"step {step:5d} | val loss {val_loss:.4f}")
             log.log(step, "val", val_loss, ".4f")
             if hella_examples is not None:

@@ -37,7 +37,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train_gpt2 import GPT2_VOCAB, load_model, resolve_device  # noqa: E402
+from train_gpt2 import GPT2_VOCAB, UsageError, load_model, resolve_device  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_100.jsonl")
 STEPS = 8
@@ -78,7 +78,10 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model with 512-token steps instead of 124M")
     parser.add_argument("--keep", default=None, help="keep the runs' folders here instead of a temp folder")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)  # a GPU this torch has no kernels for stops here, with the fix
+    except UsageError as e:
+        sys.exit(f"error: {e}")
     # how far two runs of the same steps may differ: on a GPU in the last digits of bf16 work (flash
     # attention's backward adds in a varying order); on a CPU by a rounding of the logged 6 decimals
     tol = 1e-3 if device.type == "cuda" else 1e-5

@@ -147,3 +147,52 @@ def test_bench_train_runs_every_variant_with_the_same_losses_on_cpu():
     assert all(float(d) <= 1e-5 for _, d in diffs), r.stdout
     assert re.search(r"^loop \(train_gpt2.py, steps 2-3\): \d+ ms/step.*loop / model step = [\d.]+$", r.stdout, re.M)
     assert "in eval + no_grad" in r.stdout and "ms by kind" in r.stdout
+
+
+CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # torch 2.11+'s default wheel
+CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+@pytest.mark.parametrize("name, capability, archs, runs", [
+    ("NVIDIA L40S", (8, 9), ["sm_80", "sm_86"], True),  # an sm_86 cubin runs on sm_89
+    ("NVIDIA H100 80GB HBM3", (9, 0), CU130, True),
+    ("NVIDIA H100 80GB HBM3", (9, 0), ["sm_80", "sm_90a"], True),
+    ("NVIDIA H100 80GB HBM3", (9, 0), ["sm_80", "sm_86"], False),  # a cubin runs on its own major only
+    ("NVIDIA GB200", (10, 0), ["sm_80", "sm_90", "compute_90"], True),  # PTX is compiled for newer GPUs
+    ("NVIDIA GB300", (10, 3), ["sm_90", "sm_100a"], False),  # sm_100a is 10.0's alone
+    ("Tesla V100-SXM2-16GB", (7, 0), CU130, False),
+    ("Tesla V100-SXM2-16GB", (7, 0), CU126, True),
+    ("Tesla P100-PCIE-16GB", (6, 0), CU130, False),
+])
+def test_a_gpu_without_kernels_in_this_torch_is_one_line_with_the_install_that_works(
+        fake_cuda, monkeypatch, name, capability, archs, runs):
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+    if runs:
+        assert resolve_device("cuda") == torch.device("cuda", 0)
+        return
+    with pytest.raises(UsageError) as e:
+        resolve_device("auto")
+    message = str(e.value)
+    assert "\n" not in message and name in message and " ".join(archs) in message
+    assert ("whl/cu126" in message) == (capability < (7, 5)), message
+
+
+def test_every_script_checks_the_gpus_architecture(fake_cuda, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CU130)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100-SXM2-16GB")
+    for argv in (["--data", "input.txt", "--log_dir", str(tmp_path / "run")], ["--init_from", "x.pt", "--sample"]):
+        with pytest.raises(SystemExit, match="V100.*has no kernels.*cu126"):
+            main(argv)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", "gpt2", "--data",
+                                      str(ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl")])
+    with pytest.raises(SystemExit, match="V100.*has no kernels"):
+        hellaswag.main()
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    with pytest.raises(SystemExit, match="V100.*has no kernels"):
+        gpu_check.main()

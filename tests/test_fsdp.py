@@ -19,9 +19,10 @@ from train_gpt2 import GPT, GPT2_VOCAB, DataLoader, GPTConfig, evaluate_val, loa
 FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # accumulation 2 on each of 2 ranks (4 in one process); 9 val sequences, so rank 0 has a val batch more than
-# rank 1, and HellaSwag split over the ranks: under FSDP a rank that runs fewer forwards would hang the others
+# rank 1, and HellaSwag split over the ranks: under FSDP a rank that runs fewer forwards would hang the others.
+# A resume at step 4 samples before any training forward.
 ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--total_batch_size", "512", "--max_steps", "8",
-               "--eval_interval", "4", "--val_tokens", "288", "--checkpoint_interval", "4", "--hellaswag",
+               "--eval_interval", "3", "--val_tokens", "288", "--checkpoint_interval", "4", "--hellaswag",
                "--hellaswag_data", str(FIXTURE), "--sample_interval", "4"]
 
 
@@ -69,7 +70,7 @@ def test_fsdp_on_two_ranks_equals_one_process_without_it(runs):
     for stream in ("train", "val"):
         assert max_log_diff(single / "log.txt", fsdp / "log.txt", stream) <= 1e-5, stream
     assert read_log(fsdp / "log.txt", "hella") == read_log(single / "log.txt", "hella")  # counts summed over ranks
-    assert set(read_log(fsdp / "log.txt", "hella")) == {0, 4, 7}
+    assert set(read_log(fsdp / "log.txt", "hella")) == {0, 3, 6, 7}
     assert max_weight_diff(single / "model_000008.pt", fsdp / "model_000008.pt") <= 1e-5
     # every rank samples under FSDP, but only rank 0 prints: samples at steps 4 and 7
     assert stdout.count("sample 0:") == 2
@@ -139,6 +140,21 @@ def test_fsdp_in_one_process_equals_no_fsdp(tmp_path):
     for stream in ("train", "val"):
         assert max_log_diff(tmp_path / "plain" / "log.txt", tmp_path / "fsdp" / "log.txt", stream) <= 1e-6
     assert max_weight_diff(tmp_path / "plain" / "model_000004.pt", tmp_path / "fsdp" / "model_000004.pt") <= 1e-6
+
+
+def test_fsdp_resumed_at_a_sample_step_trains_on_as_the_uninterrupted_run(tmp_path):
+    # resumed at step 2, the first forward samples; under inference_mode FSDP2's gathered weights became
+    # inference tensors and the next training forward died ("Inference tensors do not track version counter")
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "4", "--eval_interval", "4", "--fsdp",
+                   "--sample_interval", "2", "--checkpoint_interval", "2", "--hellaswag", "--hellaswag_data",
+                   str(FIXTURE)]
+    main(args + ["--log_dir", str(tmp_path / "full")])
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "model_000002.pt", tmp_path / "cut")
+    main(args + ["--log_dir", str(tmp_path / "cut"), "--resume"])
+    assert read_log(tmp_path / "cut" / "log.txt", "train") == {
+        s: v for s, v in read_log(tmp_path / "full" / "log.txt", "train").items() if s >= 2}
+    assert max_weight_diff(tmp_path / "full" / "model_000004.pt", tmp_path / "cut" / "model_000004.pt") == 0
 
 
 def test_muon_with_fsdp_is_a_clear_error(tmp_path):

@@ -236,9 +236,9 @@ def test_bad_jsonl_line_is_a_one_line_error_naming_file_and_line(tmp_path, line,
     assert_one_line_error(run_cli("--data", str(data), "-d", "cpu"), f"{data}:3:", fragment)
 
 
-def test_short_context_model_reads_the_last_block_size_tokens(model, examples):
-    # the same weights with a 48-token context: examples that fit score exactly as before, longer ones
-    # are cropped from the left (their context) instead of failing
+def test_short_context_model_cuts_each_row_on_its_own_and_scores_every_ending_token(hf_folder, model, examples):
+    # the same weights with a 48-token context: examples that fit score exactly as before; in a longer one each
+    # ending keeps all its tokens and as much of the context before it as fits, as the HF model scores that row
     short = GPT(dataclasses.replace(model.config, block_size=48))
     sd = model.state_dict()
     sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:48]
@@ -246,11 +246,39 @@ def test_short_context_model_reads_the_last_block_size_tokens(model, examples):
     fits = [ex for ex in examples if hellaswag.render_example(ex)[0].size(1) <= 48]
     assert 0 < len(fits) < len(examples)
     assert hellaswag.evaluate(short, fits, "cpu") == hellaswag.evaluate(model, fits, "cpu")
-    cropped = [ex for ex in examples if hellaswag.render_example(ex)[0].size(1) > 48][:5]
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(hf_folder).eval()
+    enc = get_tokenizer()
+    cut = [ex for ex in examples if hellaswag.render_example(ex)[0].size(1) > 48][:5]
     expected = 0
-    for ex in cropped:
-        tokens, mask, label = hellaswag.render_example(ex)
-        _, mean_loss = hellaswag.ending_losses(short, tokens[:, -48:], mask[:, -48:])
-        expected += int(mean_loss.argmin().item() == label)
-    n, _, n_norm = hellaswag.evaluate(short, cropped, "cpu", batch_size=2)
+    for ex in cut:
+        tokens, mask, label = hellaswag.render_example(ex, block_size=48)
+        sums, means = hellaswag.ending_losses(short, tokens, mask)
+        ref = []
+        for ending in ex["endings"]:
+            end = enc.encode(" " + ending)
+            row = (enc.encode(ex["ctx"]) + end)[-48:]
+            with torch.no_grad():
+                logprobs = F.log_softmax(hf(torch.tensor([row])).logits[0].double(), dim=-1)
+            ref.append(-sum(logprobs[len(row) - len(end) + k - 1, tok].item() for k, tok in enumerate(end)))
+        torch.testing.assert_close(sums.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+        assert mask.sum(dim=1).tolist() == [len(enc.encode(" " + e)) for e in ex["endings"]]
+        expected += int(means.argmin().item() == label)
+    n, _, n_norm = hellaswag.evaluate(short, cut, "cpu", batch_size=2)
     assert (n, n_norm) == (5, expected)
+
+
+def test_examples_a_short_context_cannot_score_are_left_out_in_one_line(tmp_path, examples, hf_folder):
+    long_ending = dict(examples[0], endings=["word " * 60] + examples[0]["endings"][1:])
+    kept, note = hellaswag.fit_to_block([examples[1], long_ending, examples[2]], 48)
+    assert kept == [examples[1], examples[2]] and note.startswith("1 of 3 HellaSwag examples left out")
+    assert hellaswag.fit_to_block(examples[:3], 48) == (examples[:3], None)
+    with pytest.raises(UsageError, match="too long for block_size 48"):
+        hellaswag.render_example(long_ending, block_size=48)
+    # the script says so and scores the rest: the fixture has endings longer than a 32-token context
+    short = GPT(dataclasses.replace(load_model(str(hf_folder)).config, block_size=32))
+    torch.save({"model": short.state_dict(), "config": dataclasses.asdict(short.config)}, tmp_path / "short.pt")
+    r = run_cli("-m", str(tmp_path / "short.pt"), "--data", str(FIXTURE), "-d", "cpu")
+    assert r.returncode == 0, r.stderr
+    left_out = int(r.stdout.split(" of 100 HellaSwag examples left out")[0].split()[-1])
+    assert 0 < left_out < 100 and json.loads(r.stdout.splitlines()[-1])["examples"] == 100 - left_out

@@ -2,11 +2,13 @@
 --recompute (activation checkpointing), the memory plan printed before step 0, and out-of-memory errors that
 name the fix. Oracles: the run without --recompute, the real tensors' sizes, saved_tensors_hooks' bytes.
 """
+import contextlib
 import os
 import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +44,41 @@ def test_recompute_trains_exactly_as_without(tmp_path):
         assert a.keys() == b.keys() and max(abs(a[s] - b[s]) for s in a) <= 1e-6
     a, b = (torch.load(tmp_path / d / "model_000005.pt")["model"] for d in ("plain", "recompute"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # same keys: no wrapper
+
+
+def peak_saved_bytes(fn):
+    """The most bytes autograd held for backward at any one time while fn() ran (parameters aside)."""
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, t):
+            # detached: an op's saved output, kept with its grad_fn, would make a cycle that frees nothing
+            self.t, self.n = t.detach(), 0 if isinstance(t, torch.nn.Parameter) else t.untyped_storage().nbytes()
+            live[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
+        fn()
+    return peak[0]
+
+
+def test_val_holds_one_batchs_graph_at_a_time():
+    # val runs the step's graph with autograd on (no second compile): each batch's graph must be gone before the
+    # next batch's forward, or a val of many batches holds twice what the memory plan gives one micro-batch
+    from types import SimpleNamespace
+    from train_gpt2 import DataLoader, evaluate_val
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    tokens = np.random.default_rng(0).integers(0, 50257, 4096).astype(np.uint16)
+    loader = DataLoader([tokens], 32, 50304, shuffle=False)
+    peak = {n: peak_saved_bytes(lambda: evaluate_val(model, loader, SimpleNamespace(
+        val_tokens=n * 2 * 32, seq_len=32, batch_size=2), 0, 1, torch.device("cpu"), contextlib.nullcontext()))
+        for n in (1, 4)}
+    one_step = peak_saved_bytes(lambda: model(*loader.batch(range(2))))
+    assert abs(peak[1] - one_step) <= 0.01 * one_step  # the padded targets' few bytes aside
+    assert peak[4] <= 1.01 * peak[1], peak  # 2x before val freed each batch's graph before the next forward
 
 
 @pytest.mark.slow
@@ -153,6 +190,25 @@ def test_a_run_that_cannot_fit_stops_before_step_0_with_the_fix(small_gpu, tmp_p
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
     msg = expect_error(args, "--fsdp")
     assert "--recompute" in msg and not log.exists()
+
+
+def test_the_plans_suggestions_are_planned_with_their_own_accumulation(small_gpu, monkeypatch):
+    # a smaller micro-batch means more micro-steps, and under FSDP whole gradients kept while accumulating
+    model_cfg, cfg, _, _ = train_gpt2.parse_args(["--batch_size", "16", "--seq_len", "256", "--total_batch_size",
+                                                  "4096", "--fsdp", "--device", "cuda"])
+    seen, real = [], train_gpt2.memory_plan
+    monkeypatch.setattr(train_gpt2, "memory_plan", lambda m, c, w, d, p, accum: seen.append((c.batch_size, accum))
+                        or real(m, c, w, d, p, accum))
+    with pytest.raises(train_gpt2.UsageError, match="use --batch_size"):
+        train_gpt2.check_memory(model_cfg, cfg, 1, "bfloat16", "fsdp", 1, torch.device("cuda", 0), False)
+    assert seen[0] == (16, 1) and len(seen) > 2 and all(accum == 16 // b for b, accum in seen[1:]), seen
+
+
+def test_out_of_memory_advice_names_each_fix_once():
+    for b in (1, 8):
+        advice = train_gpt2.out_of_memory_advice("CUDA out of memory.", TrainConfig(batch_size=b))
+        assert advice.count("--recompute") == 1 and advice.count("--fsdp") == 1, advice
+        assert ("--batch_size 4" in advice) == (b == 8)
 
 
 def test_out_of_memory_in_a_step_names_the_fix_and_keeps_the_checkpoint_and_log(tmp_path, monkeypatch):

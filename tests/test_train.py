@@ -464,6 +464,46 @@ def test_bad_resume_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     assert ckpt.read_bytes() == saved
 
 
+def test_resume_follows_the_command_lines_hyperparameters(tmp_path, capsys):
+    # optimizer.load_state_dict brings back each param group's weight_decay and lr: the flags must win
+    log = tmp_path / "log"
+    base = TINY + ["--data", str(ROOT / "input.txt"), "--log_dir", str(log), "--checkpoint_interval", "2"]
+    main(base + ["--max_steps", "4"])
+    shutil.copytree(log, tmp_path / "same")
+    (log / "model_000004.pt").unlink()
+    capsys.readouterr()
+    main(base + ["--max_steps", "4", "--resume", "--weight_decay", "0", "--grad_clip", "0.5"])
+    assert "--resume follows the command line: --weight_decay 0.0 (was 0.1), --grad_clip 0.5 (was 1.0)" in \
+        capsys.readouterr().out
+    groups = torch.load(log / "model_000004.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert torch.load(tmp_path / "same" / "model_000004.pt")["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+    a, b = (torch.load(d / "model_000004.pt")["model"] for d in (log, tmp_path / "same"))
+    assert not torch.equal(a["transformer.h.0.mlp.c_fc.weight"], b["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_resume_knows_its_data_by_the_files_not_the_spelling(tmp_path, monkeypatch):
+    shards = make_shards(tmp_path / "shards", [30, 60, 60])
+    log = tmp_path / "log"
+    base = TINY + ["--seq_len", "16", "--log_dir", str(log), "--checkpoint_interval", "1"]
+    main(base + ["--data", str(shards), "--max_steps", "1"])
+    main(base + ["--data", str(shards) + "/", "--max_steps", "2", "--resume"])
+    shutil.copytree(shards, tmp_path / "moved")
+    main(base + ["--data", str(tmp_path / "moved"), "--max_steps", "3", "--resume"])
+    os.remove(tmp_path / "moved" / "test_train_000002.npy")
+    expect_error(base + ["--data", str(tmp_path / "moved"), "--max_steps", "4", "--resume"],
+                 f"--data {tmp_path / 'moved'} (other files than --data {tmp_path / 'moved'} holds now)")
+    # a checkpoint from before the files were recorded: its --data string, normalised
+    monkeypatch.chdir(ROOT)
+    txt = TINY + ["--log_dir", str(tmp_path / "txt"), "--checkpoint_interval", "1"]
+    main(txt + ["--data", "input.txt", "--max_steps", "1"])
+    ckpt = torch.load(tmp_path / "txt" / "model_000001.pt")
+    del ckpt["data"]
+    torch.save(ckpt, tmp_path / "txt" / "model_000001.pt")
+    main(txt + ["--data", "./input.txt", "--max_steps", "2", "--resume"])
+    assert sorted(read_log(tmp_path / "txt" / "log.txt", "train")) == [0, 1]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     log = tmp_path / "log"
     base = TINY + ["--data", str(ROOT / "input.txt"), "--log_dir", str(log)]

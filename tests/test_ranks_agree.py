@@ -1,0 +1,73 @@
+"""
+Under torchrun every rank takes the same branch wherever a branch changes which collectives run, and DDP's
+compiled step is the graph dynamo split at DDP's buckets. Two gloo ranks on the CPU; a rank's own view of its
+disk is changed by a wrapper script that patches what that rank alone reads.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from test_train import TINY, read_log
+
+FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--eval_interval", "1",
+               "--hellaswag", "--hellaswag_data", str(FIXTURE)]
+# rank 1 alone fails to read what $LOST names, as a node without that file on its local disk would
+RANK_1_LOSES = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import hellaswag, train_gpt2
+def lost(*args, **kwargs):
+    raise train_gpt2.UsageError("no such file on rank 1's disk")
+if os.environ["RANK"] == "1" and "LOST" in os.environ:
+    module, name = os.environ["LOST"].split(".")
+    setattr({{"hellaswag": hellaswag, "train_gpt2": train_gpt2}}[module], name, lost)
+train_gpt2.main()
+"""
+
+
+def torchrun(tmp_path, args, env=None):
+    script = tmp_path / "rank_1_loses.py"
+    script.write_text(RANK_1_LOSES)
+    # a rank left waiting on a collective the other never reaches would hang: the timeout fails the test
+    return subprocess.run(TORCHRUN_2 + [str(script)] + args, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_hellaswag_missing_on_one_rank_is_skipped_by_every_rank(tmp_path, flags):
+    r = torchrun(tmp_path, ARGS + ["--log_dir", "run"] + flags, env={"LOST": "hellaswag.load_examples"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("HellaSwag skipped: rank 1: no such file on rank 1's disk") == 1, r.stdout
+    log = tmp_path / "run" / "log.txt"
+    assert sorted(read_log(log, "train")) == [0, 1] and sorted(read_log(log, "val")) == [0, 1]
+    assert not read_log(log, "hella")
+
+
+@pytest.mark.slow
+def test_data_missing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    r = torchrun(tmp_path, ARGS + ["--log_dir", "run"], env={"LOST": "train_gpt2.find_data"})
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: rank 1: no such file on rank 1's disk"] * 2, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--recompute"]], ids=["plain", "recompute"])
+def test_ddps_compiled_step_is_split_at_its_buckets_though_val_runs_first(tmp_path, flags):
+    # dynamo's DDPOptimizer splits a graph at DDP's bucket boundaries, so that each bucket's all-reduce overlaps
+    # the rest of the backward, only when it compiles the graph inside DDP's forward; step 0's val comes first
+    r = torchrun(tmp_path, ARGS + ["--log_dir", "run", "--compile", "--no-hellaswag"] + flags,
+                 env={"TORCH_LOGS": "ddp_graphs"})
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):
+        logged = [line for line in r.stderr.splitlines() if line.startswith(f"[rank{rank}]:")]
+        assert sum("---split graph---" in line for line in logged) == 1, r.stderr[-3000:]
+        assert any("---submod_1 graph---" in line for line in logged)  # at least two pieces
+    assert sorted(read_log(tmp_path / "run" / "log.txt", "train")) == [0, 1]
