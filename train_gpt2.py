@@ -40,7 +40,9 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -1283,42 +1285,32 @@ def find_checkpoint(log_dir):
     return ckpts[-1] if ckpts else None
 
 
-def gathered(state, keep, _seen=None):
-    """A (model or optimizer) state dict with FSDP2's DTensors gathered into whole tensors on the CPU, one at a
-    time, so no GPU ever holds the whole state; `keep` False (every rank but 0) joins the gathers and drops
-    them. The checkpoint is then the same whatever the sharding or the world size."""
-    seen = {} if _seen is None else _seen  # the tied wte / lm_head weight is gathered and saved once
-    if isinstance(state, dict):
-        return {k: gathered(v, keep, seen) for k, v in state.items()}
-    if isinstance(state, DTensor):
-        if id(state) not in seen:
-            full = state.full_tensor()
-            seen[id(state)] = full.cpu() if keep else None
-        return seen[id(state)]
-    return state
-
-
-def sharded_like(optimizer_state, optimizer):
-    """A checkpoint's (whole) optimizer state, its moments cut into the shards of this optimizer's FSDP2
-    parameters; unchanged for unsharded parameters. The state's keys are indices into the param groups."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, s in optimizer_state["state"].items():
-        p = params[i]
-        if isinstance(p, DTensor):
-            for k, v in s.items():
-                if v.shape == p.shape:  # exp_avg, exp_avg_sq; not the scalar step
-                    # every rank read the same checkpoint: each takes its own shard, no communication
-                    s[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-    return optimizer_state
+def by_name(optimizer_state, raw_model, optimizer):
+    """A torch.optim state dict keyed by parameter name, as DCP's loader wants it. Its keys may be indices
+    (torch.optim's own: checkpoints written without FSDP, and older FSDP ones) or names; matched by order, as
+    load_state_dict matches them."""
+    names = {p: n for n, p in raw_model.named_parameters()}
+    name = dict(zip([k for group in optimizer_state["param_groups"] for k in group["params"]],
+                    [names[p] for group in optimizer.param_groups for p in group["params"]]))
+    return {"state": {name[k]: s for k, s in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [name[k] for k in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
 
 
 def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scaler=None):
-    """Called on every rank (under FSDP the gather is a collective); rank 0 writes."""
+    """Called on every rank (under FSDP the gathers are collectives); rank 0 writes."""
+    if isinstance(raw_model, FSDPModule):
+        # the whole state, gathered a tensor at a time onto rank 0's CPU (other ranks get {}); the optimizer's
+        # keyed by parameter name. The same checkpoint whatever the sharding or the world size.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optimizer_state = get_state_dict(raw_model, optimizer, options=full)
+    else:
+        model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
     ckpt = {
         # the raw module: no _orig_mod. (compile) or module. (DDP) prefixes
-        "model": gathered(raw_model.state_dict(), master),
+        "model": model_state,
         "config": asdict(raw_model.config),
-        "optimizer": gathered(optimizer.state_dict(), master),
+        "optimizer": optimizer_state,
         "step": step,  # steps done; the next step to run
         "args": asdict(cfg),
         "data": data_identity(cfg.data),  # what --data held, so a resume can tell the same data under another name
@@ -1330,6 +1322,8 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
     }
     if master:
+        # the tied wte / lm_head weight stored once (FSDP gathers it under each name, as two tensors)
+        model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
         tmp = path + ".tmp"
         torch.save(ckpt, tmp)
         os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
@@ -1550,9 +1544,16 @@ def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, dist
     return tuple(counts.tolist())
 
 
-def restore_state(ckpt, optimizer, device, sharded, scaler=None):
+def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
     """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
-    optimizer.load_state_dict(sharded_like(ckpt["optimizer"], optimizer) if sharded else ckpt["optimizer"])
+    state = ckpt["optimizer"]
+    # every rank read the whole state: under FSDP each keeps its shards. DCP first gives a stateless optimizer
+    # zero moments at step 1, so a checkpoint with no state (fp16: every step so far skipped) loads as is
+    if isinstance(raw_model, FSDPModule) and state["state"]:
+        set_optimizer_state_dict(raw_model, optimizer, by_name(state, raw_model, optimizer),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)  # matches the saved parameters by order: index or name keys alike
     if scaler is not None and "scaler" in ckpt:  # else a run that was not fp16 goes on in fp16 from a fresh scale
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
@@ -1599,7 +1600,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer, cfg.muon_lr,
                                     cfg.muon_momentum, cfg.muon_split_qkv)
     hypers = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    start_step = restore_state(ckpt, optimizer, device, parallel == "fsdp", scaler) if ckpt else 0
+    start_step = restore_state(ckpt, raw_model, optimizer, device, scaler) if ckpt else 0
     for group, h in zip(optimizer.param_groups, hypers):
         group.update(h)  # load_state_dict brought back the checkpoint's weight_decay, lr...: the command line wins
     peak_lrs = [h["lr"] for h in hypers]

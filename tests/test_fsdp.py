@@ -157,6 +157,31 @@ def test_fsdp_resumed_at_a_sample_step_trains_on_as_the_uninterrupted_run(tmp_pa
     assert max_weight_diff(tmp_path / "full" / "model_000004.pt", tmp_path / "cut" / "model_000004.pt") == 0
 
 
+def test_a_checkpoint_in_the_old_index_keyed_format_resumes_exactly_under_fsdp(tmp_path):
+    # --fsdp in one process. FSDP checkpoints now key the optimizer state by parameter name (DCP's format); older
+    # ones, like those written without FSDP, keyed it by index as torch.optim does, and held the tied weight twice
+    args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "4", "--checkpoint_interval", "2",
+                   "--eval_interval", "2", "--fsdp"]
+    full = tmp_path / "full"
+    main(args + ["--log_dir", str(full)])
+    ckpt = torch.load(full / "model_000002.pt")
+    model, opt = ckpt["model"], ckpt["optimizer"]
+    names = [n for group in opt["param_groups"] for n in group["params"]]
+    assert set(opt["state"]) == set(names) and "lm_head.weight" not in names
+    assert model["lm_head.weight"].data_ptr() == model["transformer.wte.weight"].data_ptr()  # stored once
+    index = {n: i for i, n in enumerate(names)}
+    ckpt["optimizer"] = {"state": {index[n]: s for n, s in opt["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt["param_groups"]]}
+    model["lm_head.weight"] = model["lm_head.weight"].clone()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    torch.save(ckpt, cut / "model_000002.pt")
+    (cut / "log.txt").write_text("".join(l for l in open(full / "log.txt") if int(l.split()[0]) < 2))
+    main(args + ["--log_dir", str(cut), "--resume"])
+    assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()
+    assert max_weight_diff(full / "model_000004.pt", cut / "model_000004.pt") == 0
+
+
 def test_muon_with_fsdp_is_a_clear_error(tmp_path):
     expect_error(TINY + ["--data", str(ROOT / "input.txt"), "--optimizer", "muon", "--fsdp",
                          "--log_dir", str(tmp_path / "log")], "--optimizer muon does not run with --fsdp")

@@ -99,6 +99,25 @@ def test_an_overflowing_step_is_skipped_logged_and_the_run_goes_on(tmp_path, mon
     expect_error(args + ["--log_dir", str(tmp_path / "fp32")], "grad norm inf is not finite at step 1")
 
 
+def test_an_fsdp_checkpoint_before_any_clean_fp16_step_resumes_exactly(tmp_path, monkeypatch):
+    # --fsdp in one process; step 0 overflows, so the step-1 checkpoint holds no optimizer state: resumed, the
+    # optimizer starts without state too (DCP's loader would give it zero moments at step 1 first)
+    args = TINY + DATA + ["--max_steps", "3", "--checkpoint_interval", "1", "--eval_interval", "100",
+                          "--val_tokens", "128", "--dtype", "float16", "--fsdp"]
+    plant_inf_in_a_gradient(monkeypatch, at_call=0)  # the full run's step 0 only
+    full = tmp_path / "full"
+    main(args + ["--log_dir", str(full)])
+    assert read_log(full / "log.txt", "skipped") == {0: 1} and ckpt(full / "model_000001.pt")["optimizer"]["state"] == {}
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(full / "model_000001.pt", cut)
+    (cut / "log.txt").write_text("".join(l for l in open(full / "log.txt") if int(l.split()[0]) < 1))
+    main(args + ["--log_dir", str(cut), "--resume"])
+    assert (cut / "log.txt").read_text() == (full / "log.txt").read_text()
+    a, b = ckpt(full / "model_000003.pt"), ckpt(cut / "model_000003.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_muon_with_float16_trains_within_fp16_noise_of_float32(tmp_path):
     args = TINY + DATA + ["--optimizer", "muon", "--muon_lr", "4e-3", "--max_steps", "2", "--eval_interval", "100",
                           "--val_tokens", "128"]
