@@ -35,7 +35,7 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import EOT, UsageError, get_tokenizer, hub_reachable
+from train_gpt2 import EOT, UsageError, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"
@@ -122,15 +122,14 @@ def local_documents(paths, text_field, skip=0):
 
 
 def hf_documents(dataset, name, split, text_field, streaming, skip=0):
-    if not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # read before datasets is imported: use the cache, no hub retries
-    import datasets
+    import datasets  # under HF_HUB_OFFLINE=1 it takes the cache as it is, without retrying an unreachable hub
     try:
         ds = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming)
     except Exception as e:  # offline, unknown name, bad config or split: datasets raises many types
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         raise UsageError(f"could not load dataset '{dataset}' name={name} split={split} "
-                         f"({type(e).__name__}: {first_line}); offline? pass local files with --input") from None
+                         f"({type(e).__name__}: {first_line}); offline? pass local files with --input, "
+                         "and set HF_HUB_OFFLINE=1 to fail at once") from None
     if ds.column_names is not None and text_field not in ds.column_names:
         raise UsageError(f"dataset '{dataset}' has no column '{text_field}' (it has {', '.join(ds.column_names)}); "
                          "name the text column with --text_field")

@@ -21,12 +21,8 @@ import json
 import math
 import os
 import re
-import shutil
-import socket
 import sys
-import tempfile
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -197,13 +193,14 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel  # only here, so training never needs transformers
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        offline = not os.path.isdir(name_or_path) and not hub_reachable()
         try:
-            # offline, take the HF cache as it is instead of retrying the hub for half a minute
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path, local_files_only=offline)
+            # HF_HUB_OFFLINE=1 takes the HF cache as it is; without it huggingface_hub (through HTTPS_PROXY where
+            # one is set) retries an unreachable hub, 23 s where DNS fails, before it gives up
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except OSError as e:
-            raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); "
-                             "offline? pass a local folder saved by transformers' save_pretrained") from None
+            raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); offline? pass a "
+                             "local folder saved by transformers' save_pretrained, and set HF_HUB_OFFLINE=1 "
+                             "to fail at once") from None
         c = hf.config
         if c.activation_function != "gelu_new":
             raise UsageError(f"'{name_or_path}' uses activation {c.activation_function}; GPT-2 uses gelu_new")
@@ -212,17 +209,6 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_state_dict(hf_to_ours(hf.state_dict()))
         return model
-
-
-def hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        return False
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 # OpenAI's checkpoints use a Conv1D module whose weight is (in, out); nn.Linear's is (out, in)
@@ -248,138 +234,6 @@ def hf_to_ours(sd):
     # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
-
-
-EXPORT_TAG = "gpt2-repro-export"  # in every exported card's tags: marks a folder a later --export may replace
-
-
-def hf_tokenizer(block_size):
-    """GPT-2's tokenizer for transformers, built from the shipped BPE ranks: the same ids as get_tokenizer()."""
-    from transformers import GPT2TokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-    get_tokenizer()  # checks BPE_FILE's hash; the converter reads the file unchecked
-    converted = TikTokenConverter(vocab_file=str(BPE_FILE), pattern=r50k_pat_str,
-                                  extra_special_tokens={"<|endoftext|>": EOT}).converted()
-    # the GPT2TokenizerFast class (not a generic one) writes tokenizer_class GPT2Tokenizer, as OpenAI's gpt2
-    # folder has, which every transformers version resolves
-    return GPT2TokenizerFast(tokenizer_object=converted, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                             unk_token="<|endoftext|>", model_max_length=block_size)
-
-
-def training_rows(source):
-    """(what, value) rows on how the .pt checkpoint `source` was trained: its step and args, and its log.txt."""
-    ckpt = load_checkpoint(source)
-    step, args = ckpt.get("step"), ckpt.get("args") or {}
-    if step is None:
-        return []  # without the step, neither the tokens nor which log lines are this model's are known
-    rows = []
-    if "total_batch_size" in args:
-        rows.append(("training", f"{step:,} steps x {args['total_batch_size']:,} tokens = "
-                                 f"{step * args['total_batch_size']:,} tokens of `{args.get('data')}`, "
-                                 f"optimizer {args.get('optimizer', 'adamw')}"))
-    log_file = os.path.join(os.path.dirname(source), "log.txt")
-    last = {}  # a log goes on past its earlier checkpoints: each stream's last value at or before this step
-    if os.path.isfile(log_file):
-        with open(log_file) as f:
-            for parts in map(str.split, f):
-                if len(parts) == 3 and parts[0].isdigit() and int(parts[0]) <= step:
-                    last[parts[1]] = (int(parts[0]), parts[2])
-    # a run's last eval comes before its last update: say so rather than pass it off as this step's
-    when = lambda s: f"at step {s}" + (f", {step - s} update(s) before this checkpoint" if s < step else "")
-    if "val" in last:
-        rows.append(("val loss", f"{last['val'][1]} {when(last['val'][0])} (log.txt)"))
-    if "hella" in last:
-        rows.append(("HellaSwag acc_norm", f"{last['hella'][1]} {when(last['hella'][0])} (log.txt; hellaswag.py's: "
-                                           "the ending with the lowest mean loss per token)"))
-    return rows
-
-
-def model_card(hf, folder, source):
-    """README.md for an export, in the HF Hub's format: YAML front matter, then what the model is."""
-    c = hf.config
-    n_params = sum(p.numel() for p in hf.parameters())  # parameters() yields the tied wte/lm_head once
-    rows = [("architecture", f"GPT-2: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, "
-                             f"context {c.n_positions} tokens"),
-            ("parameters", f"{n_params:,} (the tied embedding and output matrix counted once; "
-                           f"vocabulary {c.vocab_size:,})")]
-    if source and os.path.isfile(source):
-        rows += training_rows(source)
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    made = (f"Made with `python train_gpt2.py --init_from {source} --export {folder}`" if source
-            else "Made with `train_gpt2.export_hf`")
-    name = Path(folder).name
-    return f"""---
-library_name: transformers
-license: other
-tags:
-- gpt2
-- text-generation
-- {EXPORT_TAG}
-pipeline_tag: text-generation
----
-
-# {name}
-
-A GPT-2 language model{f" from `{source}`" if source else ""}, exported by gpt2-repro's `train_gpt2.py`.
-
-| | |
-| --- | --- |
-{table}
-
-{made}.
-
-The tokenizer is GPT-2's, built offline from the project's `gpt2.tiktoken`; `<|endoftext|>` (id {EOT}) is its
-bos, eos and unk token and the generation's eos and pad.
-
-```python
-from transformers import pipeline
-print(pipeline("text-generation", model="{name}")("Hello,", max_new_tokens=32)[0]["generated_text"])
-```
-
-License: this project chose none for its weights. OpenAI's weights (`--init_from gpt2`) and the GPT-2 BPE
-ranks are OpenAI's, under its Modified MIT license.
-"""
-
-
-def is_export(folder):
-    card = Path(folder, "README.md")
-    return card.is_file() and f"\n- {EXPORT_TAG}\n" in card.read_text(errors="replace").split("\n---\n")[0]
-
-
-def export_hf(model, folder, source=None):
-    """
-    Write `model` as a transformers folder: weights, config, generation config, GPT-2's tokenizer and a model card
-    (README.md; from `source`, the checkpoint it was loaded from, when given). An earlier export at `folder` is
-    replaced; any other non-empty folder is an error.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-    folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or is_export(folder))):
-        raise UsageError(f"--export {folder} exists and is not an earlier export; remove it or pick another folder")
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, n_positions=c.block_size, n_embd=c.n_embd,
-                                    n_layer=c.n_layer, n_head=c.n_head, bos_token_id=EOT, eos_token_id=EOT))
-    sd = {k: v.t() if k.endswith(_CONV1D) else v for k, v in model.state_dict().items()}
-    for k in ("transformer.wte.weight", "lm_head.weight"):
-        sd[k] = sd[k][:GPT2_VOCAB]  # drop the padding rows, which no real token uses
-    hf.load_state_dict(sd, strict=False)  # strict=False: older transformers keep attn.bias buffers
-    hf.tie_weights()
-    hf.generation_config.pad_token_id = EOT  # GPT-2 has no pad token; without one generate() warns on every call
-    # written beside the target and renamed at the end: a failed export leaves no half folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    old = tmp.with_name(tmp.name + ".old")
-    try:
-        hf.save_pretrained(tmp)
-        hf_tokenizer(c.block_size).save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(hf, folder, source))
-        if folder.exists():
-            folder.rename(old)  # an earlier export or an empty folder: a directory cannot be renamed over it
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 # -----------------------------------------------------------------------------
@@ -1728,7 +1582,9 @@ def main(argv=None):
         device = resolve_device(cfg.device)
         model = load_model(source, device)
         if sample_cfg.export:  # the weights as trained (float32), whatever --dtype sampling uses
-            print(f"wrote {export_hf(model, sample_cfg.export, source)} (load with transformers' from_pretrained or pipeline)")
+            import hf_export  # only here: it imports transformers, which training never needs
+            print(f"wrote {hf_export.export_hf(model, sample_cfg.export, source)} "
+                  "(load with transformers' from_pretrained or pipeline)")
         half = resolve_precision(cfg.dtype, device).autocast_dtype
         if half is not None:
             model.to(half)  # sampling reads every weight once per token: half the bytes, ~2x faster

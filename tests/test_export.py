@@ -10,13 +10,16 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoTokenizer, GenerationConfig, pipeline
 
 import hellaswag
+import hf_export
 import train_gpt2
 from conftest import ROOT
+from hf_export import EXPORT_TAG, export_hf, is_export
 from test_train import TINY
-from train_gpt2 import EOT, GPT2_VOCAB, UsageError, export_hf, get_tokenizer, load_model, main
+from train_gpt2 import EOT, GPT2_VOCAB, UsageError, get_tokenizer, load_model, main
 
 FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
 
@@ -109,6 +112,21 @@ def test_model_card_states_the_size_tokens_and_the_logged_val_loss_and_hellaswag
     assert f"--init_from {run / 'model_000003.pt'} --export {export}" in body
 
 
+def test_model_card_metadata_parses_with_huggingface_hub(export):
+    data = ModelCard.load(export / "README.md").data
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert data.license == "other" and data.tags == ["gpt2", "text-generation", EXPORT_TAG]
+    assert is_export(export)
+
+
+@pytest.mark.parametrize("card", [b"# my notes\n", b"---\ntags: [gpt2\n---\n", b"---\n- a list\n---\n",
+                                  b"---\ntags: 5\n---\n", b"\xff\xfe not UTF-8", b"---\ntags: [gpt2]\n---\n"])
+def test_a_card_that_is_not_an_exports_is_not_an_export(tmp_path, caplog, card):
+    (tmp_path / "README.md").write_bytes(card)
+    assert not is_export(tmp_path)
+    assert not caplog.records  # no warning logged: --export's refusal stays one line
+
+
 def test_card_of_an_earlier_checkpoint_takes_the_log_line_of_its_own_step(run, tmp_path):
     export_hf(load_model(str(run / "model_000001.pt")), tmp_path / "hf", source=str(run / "model_000001.pt"))
     body = (tmp_path / "hf" / "README.md").read_text()
@@ -145,7 +163,7 @@ def test_export_refuses_a_foreign_folder_and_replaces_an_earlier_export(run, tmp
 def test_failed_export_leaves_no_folder(run, tmp_path, monkeypatch):
     def broken(block_size):
         raise UsageError("the tokenizer broke")
-    monkeypatch.setattr(train_gpt2, "hf_tokenizer", broken)
+    monkeypatch.setattr(hf_export, "hf_tokenizer", broken)
     with pytest.raises(UsageError, match="broke"):
         export_hf(load_model(str(run / "model_000003.pt")), tmp_path / "hf")
     assert os.listdir(tmp_path) == []

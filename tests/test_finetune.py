@@ -12,8 +12,9 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import ROOT
+from hf_export import export_hf
 from test_train import KILL_9, TINY, assert_same_weights, expect_error, read_log, run_script
-from train_gpt2 import GPT, GPT2_VOCAB, GPTConfig, export_hf, load_model, main, pad_vocab, parse_args
+from train_gpt2 import GPT, GPT2_VOCAB, GPTConfig, load_model, main, pad_vocab, parse_args
 
 # the run's flags and no shape flag: the shape is the pretrained model's
 FT = ["--data", str(ROOT / "input.txt"), "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
