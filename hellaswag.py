@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model, resolve_device, resolve_precision
+from devices import resolve_device, resolve_precision
+from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"

@@ -13,20 +13,17 @@ reasons are; a --preset sets several at once and explicit flags override it.
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import functools
 import glob
 import json
 import math
 import os
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import tiktoken
@@ -234,6 +231,15 @@ def hf_to_ours(sd):
     # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
+
+
+def flops_per_token(model, T):
+    # PaLM (Chowdhery et al. 2022, appendix B): 6N for the matmuls forward and backward, N the parameters
+    # minus the position table (a lookup, no matmul; the tied wte counts as lm_head), plus 12*L*H*Q*T for
+    # attention scores and mixing, with L layers, H heads, Q head size and T the sequence length.
+    c = model.config
+    N = model.num_params() - model.transformer.wpe.weight.numel()
+    return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
 
 # -----------------------------------------------------------------------------
@@ -473,61 +479,8 @@ def configure_optimizer(model, weight_decay, lr, device_type, optimizer="adamw",
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
     if optimizer == "adamw":
         return adamw
+    from muon import MuonAdamW
     return MuonAdamW(model, adamw, lr if muon_lr is None else muon_lr, weight_decay, muon_momentum, muon_split_qkv)
-
-
-class MuonAdamW:
-    """
-    torch.optim.Muon for the blocks' 2-D weights and AdamW for everything else, stepped, zeroed and
-    saved as one optimizer. adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonal update to an
-    RMS of 0.2 * lr, about AdamW's, so the recipe's lr and weight decay carry over (Liu et al. 2025,
-    "Muon is Scalable for LLM Training"). With split_qkv each fused c_attn weight (3C, C) is
-    orthogonalised as three (C, C) matrices, q, k and v apart: Muon steps views of it.
-    """
-
-    def __init__(self, model, adamw, lr, weight_decay, momentum, split_qkv):
-        self.adamw = adamw
-        self.qkv = []  # (fused c_attn weight, its q, k, v views) when split_qkv
-        matrices = []
-        for name, p in model.transformer.h.named_parameters():
-            if p.dim() != 2:
-                continue
-            if split_qkv and name.endswith("attn.c_attn.weight"):
-                views = [nn.Parameter(part) for part in p.data.chunk(3)]  # share p's storage
-                self.qkv.append((p, views))
-                matrices += views
-            else:
-                matrices.append(p)
-        # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch.optim.Muon's defaults, Keller Jordan's values
-        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                     adjust_lr_fn="match_rms_adamw")
-
-    @property
-    def param_groups(self):
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def zero_grad(self, set_to_none=True):
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
-        for p, _ in self.qkv:
-            p.grad = None  # in neither optimizer: Muon holds its views
-
-    def share_grads(self):
-        for p, views in self.qkv:
-            for view, grad in zip(views, p.grad.chunk(3)):
-                view.grad = grad  # a view: clipping or unscaling p.grad in place changes it too
-
-    def step(self):
-        self.share_grads()
-        self.muon.step()
-        self.adamw.step()
-
-    def state_dict(self):
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state):
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
 
 
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
@@ -541,151 +494,6 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 # -----------------------------------------------------------------------------
 # FLOPs and MFU
-
-# Peak dense (not 2:4-sparse) tensor-core FLOP/s per autocast dtype, from NVIDIA's datasheets (data center and
-# workstation cards) and architecture whitepapers (GeForce: Turing, Ampere GA102, Ada; there the figure "with FP32
-# accumulate", which is what PyTorch's matmuls use, is half the FP16-accumulate one). float32 is the TF32 tensor
-# peak, which fp32 matmuls run at on Ampere and newer (set_float32_matmul_precision("high")); on Volta and Turing,
-# which have no TF32 and no bf16, the plain FP32 peak. A dtype a card lacks has no entry (no MFU printed).
-# A10G: an AWS part without an NVIDIA datasheet; 70T is this table's earlier figure, not checked against a source.
-# Keys are matched as whole words of torch.cuda.get_device_name(), longest first: see peak_flops.
-PEAK_FLOPS = {
-    "H200": dict(bfloat16=989e12, float16=989e12, float32=495e12),  # H200 SXM
-    "H200 NVL": dict(bfloat16=836e12, float16=836e12, float32=418e12),
-    "H100": dict(bfloat16=989e12, float16=989e12, float32=495e12),  # "NVIDIA H100 80GB HBM3" is the SXM part
-    "H100 PCIe": dict(bfloat16=756e12, float16=756e12, float32=378e12),
-    "H100 NVL": dict(bfloat16=836e12, float16=836e12, float32=418e12),
-    "A100": dict(bfloat16=312e12, float16=312e12, float32=156e12),  # SXM and PCIe alike
-    "A10": dict(bfloat16=125e12, float16=125e12, float32=62.5e12),
-    "A10G": dict(bfloat16=70e12, float16=70e12),
-    "RTX A6000": dict(bfloat16=154.8e12, float16=154.8e12, float32=77.4e12),
-    "L40S": dict(bfloat16=362e12, float16=362e12, float32=183e12),
-    "L40": dict(bfloat16=181e12, float16=181e12, float32=90.5e12),
-    "L4": dict(bfloat16=121e12, float16=121e12, float32=60e12),
-    "RTX 4090": dict(bfloat16=165.2e12, float16=165.2e12, float32=82.6e12),
-    "RTX 4080": dict(bfloat16=97.5e12, float16=97.5e12, float32=48.7e12),
-    "RTX 3090": dict(bfloat16=71e12, float16=71e12, float32=35.6e12),
-    "RTX 3080": dict(bfloat16=59.5e12, float16=59.5e12, float32=29.8e12),
-    "RTX 2080 Ti": dict(float16=53.8e12, float32=13.4e12),
-    "RTX 2080": dict(float16=40.3e12, float32=10.1e12),
-    "T4": dict(float16=65e12, float32=8.1e12),
-    "V100": dict(float16=125e12, float32=15.7e12),  # SXM2 ("Tesla V100-SXM2-16GB")
-    "V100 PCIE": dict(float16=112e12, float32=14e12),
-    "V100S": dict(float16=130e12, float32=16.4e12),
-}
-
-
-def flops_per_token(model, T):
-    # PaLM (Chowdhery et al. 2022, appendix B): 6N for the matmuls forward and backward, N the parameters
-    # minus the position table (a lookup, no matmul; the tied wte counts as lm_head), plus 12*L*H*Q*T for
-    # attention scores and mixing, with L layers, H heads, Q head size and T the sequence length.
-    c = model.config
-    N = model.num_params() - model.transformer.wpe.weight.numel()
-    return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
-
-
-def peak_flops(device, dtype):
-    """Peak FLOP/s of this GPU in `dtype` (PEAK_FLOPS), or None: a CPU, an unknown GPU or a dtype it lacks."""
-    if device.type != "cuda":
-        return None
-    return peak_flops_of(torch.cuda.get_device_name(device)).get(dtype)
-
-
-def peak_flops_of(device_name):
-    # as whole words, longest key first: a plain substring test takes "NVIDIA A100-SXM4-80GB" for an A10,
-    # "NVIDIA L40S" for an L4 and "NVIDIA H100 PCIe" for the SXM part
-    words = device_name.upper().replace("-", " ").split()
-    for key in sorted(PEAK_FLOPS, key=lambda k: -len(k.split())):
-        n = len(key.split())
-        if any(words[i:i + n] == key.upper().split() for i in range(len(words) - n + 1)):
-            return PEAK_FLOPS[key]
-    return {}
-
-
-# -----------------------------------------------------------------------------
-# memory
-
-
-@functools.lru_cache(maxsize=8)
-def meta_model(**shape):
-    with torch.device("meta"):  # shapes only: an XL fits no CPU with its optimizer
-        return GPT(GPTConfig(**shape))
-
-
-def memory_plan(model_cfg, cfg, world, dtype, parallel, accum):
-    """
-    What one micro-batch step holds on each GPU (rank 0: the largest shard), in bytes by part, before step 0.
-    Parameters, gradients and optimizer state are exact: the sizes of the tensors the run will make. The
-    activations come from a formula: the bytes per token each op of this model saves for backward (measured on
-    CPU with saved_tensors_hooks, tests/test_memory.py), and the logits' transient copies around the loss. Left
-    out: allocator slack, the CUDA context (~0.5 GB), NCCL's buffers and torch.compile's workspace.
-    """
-    model = meta_model(**asdict(model_cfg))
-    params = list(model.parameters())
-    # FSDP2 cuts each parameter into world row-chunks (torch.chunk's sizes); rank 0 has the largest
-    local = (lambda p: math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0])) if parallel == "fsdp" else torch.numel
-    N = sum(p.numel() for p in params)
-    plan = {"parameters": sum(4 * local(p) for p in params), "gradients": sum(4 * local(p) for p in params)}
-    if parallel == "ddp":
-        plan["DDP's gradient buckets"] = 4 * N
-    if parallel == "fsdp" and accum > 1:
-        plan["whole gradients while accumulating"] = 4 * N  # FSDP2 keeps them unsharded until the last micro-step
-    matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2} if cfg.optimizer == "muon" else set()
-    # AdamW: two fp32 moments and a float32 step per tensor; Muon: one fp32 momentum per matrix
-    plan["optimizer state"] = sum(4 * p.numel() if id(p) in matrices else 8 * local(p) + 4 for p in params)
-    half = dtype in ("bfloat16", "float16")  # autocast's 2-byte activations and weight copies
-    C, L, V, H = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size, model_cfg.n_head
-    block = sum(p.numel() for p in model.transformer.h[0].parameters())
-    if parallel == "fsdp":  # gathered for compute: the root (embeddings) and two blocks (one prefetched)
-        plan["gathered weights"] = (2 if half else 4) * (N - L * block + 2 * block)
-    elif half:
-        plan["autocast's half-precision weight copies"] = 2 * L * block + 2 * V * C
-    tokens = cfg.batch_size * cfg.seq_len
-    # per token, what a block saves for backward: its fp32 input and the residual after attention (4C each), the
-    # inputs of c_attn, attention's q, k, v and output, c_proj, c_fc (4C + 12C + 4C + 4C + 4C in fp32, half in bf16/fp16),
-    # GELU's input and c_proj's (16C each, half in bf16/fp16), attention's logsumexp (4 bytes a head) and two
-    # LayerNorms' mean and rstd (16 bytes); with --recompute only its input (4C)
-    per_block = (36 * C if half else 64 * C) + 4 * H + 16
-    kept = 4 * C if cfg.recompute else per_block
-    # outside the blocks: ln_f's input and lm_head's, the token ids and targets, and the loss's fp32 log-softmax
-    plan["activations kept for backward"] = tokens * (L * kept + (6 * C if half else 8 * C) + 16 + 4 * V)
-    if cfg.recompute:
-        plan["one block recomputed in backward"] = tokens * per_block
-    # the logits, their fp32 copy and their gradients, alive together around the loss
-    plan["logits around the loss"] = tokens * 12 * V
-    return plan
-
-
-def gib(n):
-    return f"{n / 2**30:.1f} GiB"
-
-
-def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
-    """Print the memory plan; stop (before anything is written) with the fix when it does not fit the GPU."""
-    plan = memory_plan(model_cfg, cfg, world, dtype, parallel, accum)
-    need = sum(plan.values())
-    if master:
-        print(f"memory plan per GPU: {gib(need)} = " + ", ".join(f"{k} {gib(v)}" for k, v in plan.items()), flush=True)
-    if device.type != "cuda" or not cfg.memory_check:
-        return need
-    free, _ = torch.cuda.mem_get_info(device)
-    if need <= free:
-        return need
-    per_rank = cfg.total_batch_size // (cfg.seq_len * world)  # sequences per rank and step
-
-    def largest(**kw):  # the largest micro-batch that fits and divides the step (accumulation fills the rest)
-        return next((b for b in range(cfg.batch_size, 0, -1) if per_rank % b == 0 and sum(memory_plan(
-            model_cfg, replace(cfg, batch_size=b, **kw), world, dtype, parallel, per_rank // b).values()) <= free),
-            None)
-    if b := largest():
-        fix = f"use --batch_size {b} (accumulation keeps --total_batch_size)"
-    elif not cfg.recompute and (b := largest(recompute=True)):
-        fix = f"add --recompute with --batch_size {b}"
-    else:
-        fix = "shard the model over more GPUs with --fsdp under torchrun" + ("" if cfg.recompute else " and --recompute")
-    raise UsageError(f"the memory plan needs {gib(need)} per GPU, {device} has {gib(free)} free: {fix}; "
-                     "--no-memory_check runs anyway")
-
 
 # -----------------------------------------------------------------------------
 # training
@@ -828,120 +636,6 @@ def check_config(model_cfg, cfg, sample_cfg):
                          "Muon orthogonalises): use --optimizer adamw with --fsdp, or Muon without --fsdp")
 
 
-def best_device():
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def resolve_device(device_arg, local_rank=0):
-    """--device as a torch.device; the one place every script picks its device. A bare `cuda` (and `auto` on a
-    GPU machine) is this process's GPU, cuda:LOCAL_RANK: torch.cuda.set_device and NCCL need an index."""
-    if device_arg == "auto":
-        device_arg = best_device()
-    try:
-        device = torch.device(device_arg)
-    except RuntimeError:
-        raise UsageError(f"--device {device_arg} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device_arg} asked for, but this torch sees no CUDA GPU; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device} asked for, but this machine has {torch.cuda.device_count()} "
-                             "GPU(s); use --device cuda (under torchrun, one GPU per process)")
-        check_arch(device)
-    return device
-
-
-def check_arch(device):
-    """A GPU this torch has no kernels for fails at its first kernel ("no kernel image is available"): say so first.
-    It runs an sm_XY cubin of its own major at or below its capability, or a compute_XY (PTX) at or below it."""
-    archs = torch.cuda.get_arch_list()
-    if not archs:
-        return  # a torch that does not say what it carries
-    major, minor = torch.cuda.get_device_capability(device)
-    for arch in archs:  # e.g. sm_80, sm_90a (that capability only), compute_90 (PTX, compiled by the driver)
-        if not (parsed := re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)):
-            continue
-        kind, m, n, suffix = parsed[1], int(parsed[2]), int(parsed[3]), parsed[4]
-        if kind == "sm" and m == major and (n == minor if suffix == "a" else n <= minor):
-            return
-        if kind == "compute" and not suffix and (m, n) <= (major, minor):
-            return
-    fix = (f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu126 "
-           "(the CUDA 12.6 wheels still carry Pascal and Volta)" if (major, minor) < (7, 5)
-           else "a torch built for a newer CUDA, from https://pytorch.org/get-started/locally/")
-    raise UsageError(f"{gpu_name(device)} has no kernels in this torch {torch.__version__} (CUDA {torch.version.cuda}, "
-                     f"built for {' '.join(archs)}): install {fix}, then pip install -r requirements.txt")
-
-
-class Precision(NamedTuple):
-    """What resolve_precision chose: the autocast dtype (the weights and the optimizer stay float32), the reason
-    the banner prints, and whether the loss needs a GradScaler (float16: its gradients underflow without one)."""
-    dtype: str  # float32, bfloat16 or float16
-    reason: str
-    scaler: bool
-
-    @property
-    def autocast_dtype(self):
-        return None if self.dtype == "float32" else getattr(torch, self.dtype)
-
-    def autocast(self, device_type):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
-
-
-def resolve_precision(dtype_arg, device):
-    """--dtype on `device`: the one place every script picks its precision (training, sampling, hellaswag.py)."""
-    if dtype_arg == "float16":
-        return Precision("float16", "float16 autocast with a GradScaler (--dtype float16)", True)
-    if dtype_arg == "float32":
-        return Precision("float32", "float32 (--dtype float32)", False)
-    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    if dtype_arg == "bfloat16":
-        # asked for on a GPU without bf16 tensor cores it runs, emulated and slowly: say so rather than refuse
-        slow = f"; emulated: {gpu_name(device)} has no bf16 tensor cores, --dtype auto picks float16" \
-            if device.type == "cuda" and not native_bf16 else ""
-        return Precision("bfloat16", f"bfloat16 autocast (--dtype bfloat16{slow})", False)
-    if device.type != "cuda":
-        return Precision("float32", f"float32 (--dtype auto on {device.type})", False)
-    if native_bf16:
-        return Precision("bfloat16", f"bfloat16 autocast (--dtype auto: {gpu_name(device)} has bf16 tensor cores)",
-                         False)
-    # Volta and Turing (V100, T4, RTX 20xx) have fp16 tensor cores only; Pascal (P100, GTX 10xx) has none, but its
-    # bf16 would be emulated while fp16 at least halves the activations' memory traffic
-    return Precision("float16", f"float16 autocast with a GradScaler (--dtype auto: {gpu_name(device)} has no bf16 "
-                                "tensor cores)", True)
-
-
-def gpu_name(device):
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-
-
-def resolve_compile(compile_arg, device):
-    """(compile or not, why it is off when left to its default). --compile where inductor cannot run is a
-    UsageError: otherwise it fails at step 0 with a long inductor traceback."""
-    if compile_arg is False:
-        return False, ""
-    if device.type != "cuda":
-        # a CPU compiles (the tests do) but gains little for a long first step
-        return bool(compile_arg), "" if compile_arg else f"off by default on {device.type}"
-    missing = []
-    try:
-        import triton  # noqa: F401  inductor writes its GPU kernels in Triton, which has no official Windows build
-    except ImportError:
-        missing.append("Triton is not installed")
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 7:
-        missing.append(f"Triton needs compute capability >= 7.0, {gpu_name(device)} is older")
-    if missing and compile_arg:
-        raise UsageError(f"--compile cannot run here: {' and '.join(missing)}; pass --no-compile (or leave "
-                         "--compile out: it is then off where it cannot run)")
-    return not missing, " and ".join(missing)
-
-
 def attempt_store(timeout):
     """torchrun's TCPStore under a prefix naming this attempt. torchrun (2.5+) keeps one store for every restart
     of the group, so without it a restarted rank reads the dead attempt's keys (gloo's peer addresses, NCCL's
@@ -958,6 +652,7 @@ def attempt_store(timeout):
 def setup_distributed(device_arg, fsdp=False, timeout_s=600):
     """(distributed, rank, world size, device). Under torchrun, and for --fsdp, also the process group, whose
     waits on other ranks give up after timeout_s (--dist_timeout) with an error instead of hanging."""
+    from devices import resolve_device
     torchrun = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = resolve_device(device_arg, local_rank)
@@ -974,18 +669,6 @@ def setup_distributed(device_arg, fsdp=False, timeout_s=600):
         # FSDP2 shards over a process group even in one process: a group of one, no rendezvous needed
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return torchrun or fsdp, rank, world, device
-
-
-def keep_freed_memory():
-    # glibc returns each freed buffer over 32 MB to the OS, and taking it back costs a page fault per
-    # 4 KB; a CPU micro-batch's logits (B*T*vocab floats) are hundreds of MB. Serving them from the heap
-    # and never trimming it made CPU training steps ~1.6x faster here.
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (macOS, Windows, musl): nothing to tune
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations up to 1 GiB come from the heap
-    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
 
 
 def all_reduce(t, distributed):
@@ -1089,8 +772,8 @@ def optimizer_step(optimizer, params, max_norm, scaler=None):
         norm = clip_grad_norm(params, max_norm)
         optimizer.step()
         return norm
-    if isinstance(optimizer, MuonAdamW):
-        optimizer.share_grads()  # c_attn's gradient reaches unscale_ through Muon's q, k, v views of it
+    if hasattr(optimizer, "share_grads"):  # MuonAdamW: c_attn's gradient reaches unscale_ through q, k, v views
+        optimizer.share_grads()
     scaler.unscale_(optimizer)
     norm = clip_grad_norm(params, max_norm)
     # fused AdamW (CUDA) takes the inf flag into its kernel; others make GradScaler read it on the host (a sync)
@@ -1183,81 +866,6 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
         os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
 
 
-class Logger:
-    """One line per event on stdout and, as `step stream value`, in log_dir/log.txt (appended, never wiped); with
-    --wandb the same events, the step line's other figures and the samples also go to a W&B run."""
-
-    def __init__(self, log_dir, enabled, wandb_project=None, config=None, resume=False):
-        self.enabled = enabled
-        self.path = os.path.join(log_dir, "log.txt")
-        self.header = ""  # written with the first event: a run that fails before any leaves no log.txt
-        self.wandb = open_wandb(wandb_project, log_dir, config, resume) if enabled and wandb_project else None
-
-    def start_at(self, step, tokens_per_step):
-        """Drop the lines of steps >= step: a killed run logged them after its last checkpoint (the last
-        one perhaps cut short), and the resumed run logs them again. Each step then appears once."""
-        if step == 0:
-            self.header = f"0 tokens_per_step {tokens_per_step}\n"  # play.ipynb reads it for its tokens axis
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        def before(line):
-            parts = line.split()
-            return line.endswith("\n") and len(parts) == 3 and parts[0].isdigit() and int(parts[0]) < step
-        with open(self.path) as f:
-            kept = [line for line in f if before(line)]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)  # a kill during the rewrite leaves the old log or the new one
-
-    def print(self, *args):
-        if self.enabled:
-            print(*args, flush=True)
-
-    def log(self, step, stream, value, fmt):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(self.header + f"{step} {stream} {value:{fmt}}\n")
-            self.header = ""
-        self.figures(step, **{stream: value})
-
-    def figures(self, step, **values):
-        """Figures for W&B only (the step line prints them; log.txt keeps the streams above)."""
-        if self.wandb is not None:
-            # W&B drops a step lower than the run's last: after --resume, the steps a killed run had logged
-            # past its checkpoint, which the resumed run repeats exactly (only their timings differ)
-            self.wandb.log(values, step=step)
-
-    def samples(self, step, texts):
-        self.print("\n".join(f"sample {i}: {text!r}" for i, text in enumerate(texts)))
-        if self.wandb is not None:
-            import wandb
-            self.wandb.log({"samples": wandb.Table(columns=["sample", "text"], data=list(enumerate(texts)))},
-                           step=step)
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def open_wandb(project, log_dir, config, resume):
-    """The W&B run of this log_dir: its id is kept in log_dir/wandb_id, so --resume goes on logging to it."""
-    import wandb
-    id_file = os.path.join(log_dir, "wandb_id")
-    run_id = open(id_file).read().strip() if resume and os.path.exists(id_file) else None  # None: W&B picks one
-    try:
-        # dir: its files (all of them, under WANDB_MODE=offline) go to log_dir/wandb/, beside log.txt
-        run = wandb.init(project=project, id=run_id, resume="allow" if run_id else None, dir=log_dir,
-                         config=config, name=os.path.basename(os.path.abspath(log_dir)))
-    except wandb.errors.Error as e:
-        raise UsageError(f"--wandb {project}: W&B did not start ({str(e).strip().splitlines()[0][:200]}); "
-                         "run `wandb login`, or set WANDB_MODE=offline to log to files only") from None
-    with open(id_file + ".tmp", "w") as f:
-        f.write(run.id + "\n")
-    os.replace(id_file + ".tmp", id_file)  # a kill mid-write leaves the old id or the new, never half of one
-    return run
-
-
 def train(cfg, model_cfg, sample_cfg, given=()):
     # No SIGTERM handler: torchrun stops the ranks of a failed group with SIGTERM, whose default action ends a rank
     # at once, even inside a collective; a Python handler would run only after that collective gave up
@@ -1267,6 +875,7 @@ def train(cfg, model_cfg, sample_cfg, given=()):
         if distributed:
             dist.barrier()  # every rank done before the group goes: gloo could otherwise abort a rank at exit
     except torch.OutOfMemoryError as e:
+        from memory_plan import out_of_memory_advice
         # log lines are written whole and checkpoints by rename, so nothing on disk is half-written
         raise UsageError(out_of_memory_advice(str(e), cfg)) from None
     except RuntimeError as e:
@@ -1299,16 +908,6 @@ def check_shape(model_config, model_cfg, given, source):
     if clash:
         raise UsageError(f"{source} is a model of another shape: " + ", ".join(clash)
                          + "; drop those flags (the model's shape is used) or pass another --log_dir / --init_from")
-
-
-def out_of_memory_advice(message, cfg):
-    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", message)
-    free = re.search(r"of which ([\d.]+ \w+) is free", message)
-    figures = (f"asked for {asked[1]} with {free[1]} free" if asked and free
-               else message.splitlines()[0][:200] if message else "no details")
-    smaller = f"--batch_size {cfg.batch_size // 2} (accumulation keeps --total_batch_size), " if cfg.batch_size > 1 else ""
-    return (f"out of memory ({figures}): try {smaller}--recompute, or --fsdp under torchrun; "
-            "the last checkpoint and log.txt are intact")
 
 
 def find_run(cfg):
@@ -1417,6 +1016,9 @@ def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
 
 
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
+    from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_precision
+    from logger import Logger
+    from memory_plan import check_memory, gib
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     use_compile, compile_note = resolve_compile(cfg.compile, device)  # first: --compile where it cannot run is an error
@@ -1579,6 +1181,7 @@ def main(argv=None):
         source = cfg.init_from or find_checkpoint(cfg.log_dir)
         if source is None:
             raise UsageError("nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")
+        from devices import resolve_device, resolve_precision
         device = resolve_device(cfg.device)
         model = load_model(source, device)
         if sample_cfg.export:  # the weights as trained (float32), whatever --dtype sampling uses

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hellaswag import evaluate, load_examples  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UsageError, load_model, resolve_device  # noqa: E402
+from devices import resolve_device  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UsageError, load_model  # noqa: E402
 
 
 def timed(model, examples, device, batch_size, autocast_dtype):

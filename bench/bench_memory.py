@@ -1,5 +1,5 @@
 """
-The memory plan (train_gpt2.memory_plan, printed before step 0 of every run) for the GPT-2 family, and on a CPU
+The memory plan (memory_plan.memory_plan, printed before step 0 of every run) for the GPT-2 family, and on a CPU
 the bytes autograd really keeps for a small model beside the plan's formula.
 
     python bench/bench_memory.py            # the table, then the CPU measurement (a few seconds)
@@ -14,7 +14,8 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from train_gpt2 import GPT, GPTConfig, TrainConfig, apply_recompute, memory_plan, parse_args  # noqa: E402
+from memory_plan import memory_plan  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, TrainConfig, apply_recompute, parse_args  # noqa: E402
 
 GiB = 2**30
 

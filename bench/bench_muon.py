@@ -107,9 +107,10 @@ def time_steps(width, reps, threads):
     its optimizer step alone, in one process and alternating, so both see the same load."""
     sys.path.insert(0, ROOT)
     import torch
+    import devices
     import train_gpt2
     torch.set_num_threads(threads)
-    train_gpt2.keep_freed_memory()
+    devices.keep_freed_memory()
     cfg = train_gpt2.GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=width)
     x, y = torch.randint(0, train_gpt2.GPT2_VOCAB, (2, 8, 256))
     runs = {}

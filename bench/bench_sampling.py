@@ -11,7 +11,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from train_gpt2 import EOT, GPT, GPTConfig, generate, resolve_device  # noqa: E402
+from devices import resolve_device  # noqa: E402
+from train_gpt2 import EOT, GPT, GPTConfig, generate  # noqa: E402
 
 
 def main():

@@ -23,7 +23,7 @@ val compile the first validation pass after training compiled: on the training g
 loop        python train_gpt2.py on fineweb.py shards of input.txt, the steady steps' median, run after this
             process gave its GPU memory back; ratio = loop tok/s over the flash model step's.
 
-MFU = tok/s * FLOPs per token / peak dense bf16 FLOP/s (train_gpt2.PEAK_FLOPS), FLOPs per token =
+MFU = tok/s * FLOPs per token / peak dense bf16 FLOP/s (devices.PEAK_FLOPS), FLOPs per token =
 6N + 12*L*H*Q*T (PaLM, appendix B; 0.855 GFLOP for 124M at T=1024).
 """
 import argparse
@@ -43,8 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train_gpt2 import (GPT, GPTConfig, accumulate_gradients, configure_optimizer, flops_per_token,  # noqa: E402
-                        keep_freed_memory, peak_flops, resolve_device)
+from devices import keep_freed_memory, peak_flops, resolve_device  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, accumulate_gradients, configure_optimizer, flops_per_token  # noqa: E402
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]

@@ -37,7 +37,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train_gpt2 import GPT2_VOCAB, UsageError, load_model, resolve_device  # noqa: E402
+from devices import resolve_device  # noqa: E402
+from train_gpt2 import GPT2_VOCAB, UsageError, load_model  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_100.jsonl")
 STEPS = 8

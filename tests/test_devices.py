@@ -15,7 +15,8 @@ from transformers import GPT2LMHeadModel
 import hellaswag
 import train_gpt2
 from conftest import ROOT
-from train_gpt2 import GPT, GPTConfig, UsageError, main, resolve_device, setup_distributed
+from devices import resolve_device
+from train_gpt2 import GPT, GPTConfig, UsageError, main, setup_distributed
 
 
 @pytest.fixture

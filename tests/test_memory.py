@@ -15,7 +15,9 @@ import torch
 import train_gpt2
 from conftest import ROOT
 from test_train import TINY, expect_error, read_log, run_script
-from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, main, memory_plan
+import memory_plan as plan_module
+from memory_plan import memory_plan
+from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, main
 
 TINY_RUN = TINY + ["--data", str(ROOT / "input.txt")]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -126,7 +128,8 @@ def test_plan_counts_the_parameters_gradients_and_optimizer_state_exactly(optimi
 
 FSDP_STATE = """
 import sys, torch, torch.distributed as dist
-from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, memory_plan, wrap_model
+from memory_plan import memory_plan
+from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, wrap_model
 from test_memory import optimizer_tensors, state_bytes
 dist.init_process_group("gloo")
 model_cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, vocab_size=50305)  # a row count odd on purpose
@@ -196,17 +199,17 @@ def test_the_plans_suggestions_are_planned_with_their_own_accumulation(small_gpu
     # a smaller micro-batch means more micro-steps, and under FSDP whole gradients kept while accumulating
     model_cfg, cfg, _, _ = train_gpt2.parse_args(["--batch_size", "16", "--seq_len", "256", "--total_batch_size",
                                                   "4096", "--fsdp", "--device", "cuda"])
-    seen, real = [], train_gpt2.memory_plan
-    monkeypatch.setattr(train_gpt2, "memory_plan", lambda m, c, w, d, p, accum: seen.append((c.batch_size, accum))
+    seen, real = [], plan_module.memory_plan
+    monkeypatch.setattr(plan_module, "memory_plan", lambda m, c, w, d, p, accum: seen.append((c.batch_size, accum))
                         or real(m, c, w, d, p, accum))
     with pytest.raises(train_gpt2.UsageError, match="use --batch_size"):
-        train_gpt2.check_memory(model_cfg, cfg, 1, "bfloat16", "fsdp", 1, torch.device("cuda", 0), False)
+        plan_module.check_memory(model_cfg, cfg, 1, "bfloat16", "fsdp", 1, torch.device("cuda", 0), False)
     assert seen[0] == (16, 1) and len(seen) > 2 and all(accum == 16 // b for b, accum in seen[1:]), seen
 
 
 def test_out_of_memory_advice_names_each_fix_once():
     for b in (1, 8):
-        advice = train_gpt2.out_of_memory_advice("CUDA out of memory.", TrainConfig(batch_size=b))
+        advice = plan_module.out_of_memory_advice("CUDA out of memory.", TrainConfig(batch_size=b))
         assert advice.count("--recompute") == 1 and advice.count("--fsdp") == 1, advice
         assert ("--batch_size 4" in advice) == (b == 8)
 

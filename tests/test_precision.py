@@ -16,8 +16,8 @@ import hellaswag
 import train_gpt2
 from conftest import ROOT
 from test_train import TINY, expect_error, read_log
-from train_gpt2 import (GPT, GPTConfig, UsageError, accumulate_gradients, configure_optimizer, main, optimizer_step,
-                        peak_flops, peak_flops_of, resolve_compile, resolve_precision)
+from devices import peak_flops, peak_flops_of, resolve_compile, resolve_precision
+from train_gpt2 import GPT, GPTConfig, UsageError, accumulate_gradients, configure_optimizer, main, optimizer_step
 
 DATA = ["--data", str(ROOT / "input.txt")]
 CPU = torch.device("cpu")

@@ -23,7 +23,7 @@ ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--checkp
 # logs `STEP STREAM` (every rank calls Logger.log; only rank 0 writes), or after rank 0 wrote the temporary file
 # of the checkpoint of `save STEP`, before its rename
 WORKER = """
-import os, signal, sys, threading, torch, train_gpt2
+import os, signal, sys, threading, torch, logger, train_gpt2
 rank, action, where = sys.argv[1:4]
 armed = os.environ["RANK"] == rank and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
 def stop_after(real, here):
@@ -35,7 +35,7 @@ def stop_after(real, here):
                 os.kill(os.getpid(), signal.SIGKILL)
             threading.Event().wait()
     return wrapper
-train_gpt2.Logger.log = stop_after(train_gpt2.Logger.log, lambda log, step, stream, *_: where == f"{step} {stream}")
+logger.Logger.log = stop_after(logger.Logger.log, lambda log, step, stream, *_: where == f"{step} {stream}")
 torch.save = stop_after(torch.save, lambda ckpt, path: where == f"save {ckpt['step']}")
 train_gpt2.main(sys.argv[4:])
 """

@@ -265,7 +265,7 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys):
 # train_gpt2.py that kills itself with SIGKILL (as kill -9 would) at a chosen point: right after it logs
 # `STEP STREAM`, or after writing the temporary file of the checkpoint of `save STEP`, before its rename
 KILL_9 = """
-import os, signal, sys, torch, train_gpt2
+import os, signal, sys, torch, logger, train_gpt2
 where = sys.argv[1]
 def die_after(real, here):
     def wrapper(*args):
@@ -273,7 +273,7 @@ def die_after(real, here):
         if here(*args):
             os.kill(os.getpid(), signal.SIGKILL)
     return wrapper
-train_gpt2.Logger.log = die_after(train_gpt2.Logger.log, lambda log, step, stream, *_: where == f"{step} {stream}")
+logger.Logger.log = die_after(logger.Logger.log, lambda log, step, stream, *_: where == f"{step} {stream}")
 torch.save = die_after(torch.save, lambda ckpt, path: where == f"save {ckpt['step']}")
 train_gpt2.main(sys.argv[2:])
 """

@@ -1,0 +1,190 @@
+"""
+The device a run gets and what it can do: --device, the GPU's architecture against this torch's kernels, the
+autocast precision and compile from what the GPU has, its peak FLOP/s for MFU, and glibc's CPU allocator.
+Every script picks its device here: train_gpt2.py, hellaswag.py and bench/gpu_check.py.
+"""
+import contextlib
+import ctypes
+import re
+from typing import NamedTuple
+
+import torch
+
+from train_gpt2 import UsageError
+
+
+def best_device():
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def resolve_device(device_arg, local_rank=0):
+    """--device as a torch.device; the one place every script picks its device. A bare `cuda` (and `auto` on a
+    GPU machine) is this process's GPU, cuda:LOCAL_RANK: torch.cuda.set_device and NCCL need an index."""
+    if device_arg == "auto":
+        device_arg = best_device()
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise UsageError(f"--device {device_arg} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device_arg} asked for, but this torch sees no CUDA GPU; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device} asked for, but this machine has {torch.cuda.device_count()} "
+                             "GPU(s); use --device cuda (under torchrun, one GPU per process)")
+        check_arch(device)
+    return device
+
+
+def check_arch(device):
+    """A GPU this torch has no kernels for fails at its first kernel ("no kernel image is available"): say so first.
+    It runs an sm_XY cubin of its own major at or below its capability, or a compute_XY (PTX) at or below it."""
+    archs = torch.cuda.get_arch_list()
+    if not archs:
+        return  # a torch that does not say what it carries
+    major, minor = torch.cuda.get_device_capability(device)
+    for arch in archs:  # e.g. sm_80, sm_90a (that capability only), compute_90 (PTX, compiled by the driver)
+        if not (parsed := re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)):
+            continue
+        kind, m, n, suffix = parsed[1], int(parsed[2]), int(parsed[3]), parsed[4]
+        if kind == "sm" and m == major and (n == minor if suffix == "a" else n <= minor):
+            return
+        if kind == "compute" and not suffix and (m, n) <= (major, minor):
+            return
+    fix = (f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu126 "
+           "(the CUDA 12.6 wheels still carry Pascal and Volta)" if (major, minor) < (7, 5)
+           else "a torch built for a newer CUDA, from https://pytorch.org/get-started/locally/")
+    raise UsageError(f"{gpu_name(device)} has no kernels in this torch {torch.__version__} (CUDA {torch.version.cuda}, "
+                     f"built for {' '.join(archs)}): install {fix}, then pip install -r requirements.txt")
+
+
+class Precision(NamedTuple):
+    """What resolve_precision chose: the autocast dtype (the weights and the optimizer stay float32), the reason
+    the banner prints, and whether the loss needs a GradScaler (float16: its gradients underflow without one)."""
+    dtype: str  # float32, bfloat16 or float16
+    reason: str
+    scaler: bool
+
+    @property
+    def autocast_dtype(self):
+        return None if self.dtype == "float32" else getattr(torch, self.dtype)
+
+    def autocast(self, device_type):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+
+def resolve_precision(dtype_arg, device):
+    """--dtype on `device`: the one place every script picks its precision (training, sampling, hellaswag.py)."""
+    if dtype_arg == "float16":
+        return Precision("float16", "float16 autocast with a GradScaler (--dtype float16)", True)
+    if dtype_arg == "float32":
+        return Precision("float32", "float32 (--dtype float32)", False)
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype_arg == "bfloat16":
+        # asked for on a GPU without bf16 tensor cores it runs, emulated and slowly: say so rather than refuse
+        slow = f"; emulated: {gpu_name(device)} has no bf16 tensor cores, --dtype auto picks float16" \
+            if device.type == "cuda" and not native_bf16 else ""
+        return Precision("bfloat16", f"bfloat16 autocast (--dtype bfloat16{slow})", False)
+    if device.type != "cuda":
+        return Precision("float32", f"float32 (--dtype auto on {device.type})", False)
+    if native_bf16:
+        return Precision("bfloat16", f"bfloat16 autocast (--dtype auto: {gpu_name(device)} has bf16 tensor cores)",
+                         False)
+    # Volta and Turing (V100, T4, RTX 20xx) have fp16 tensor cores only; Pascal (P100, GTX 10xx) has none, but its
+    # bf16 would be emulated while fp16 at least halves the activations' memory traffic
+    return Precision("float16", f"float16 autocast with a GradScaler (--dtype auto: {gpu_name(device)} has no bf16 "
+                                "tensor cores)", True)
+
+
+def gpu_name(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+
+
+def resolve_compile(compile_arg, device):
+    """(compile or not, why it is off when left to its default). --compile where inductor cannot run is a
+    UsageError: otherwise it fails at step 0 with a long inductor traceback."""
+    if compile_arg is False:
+        return False, ""
+    if device.type != "cuda":
+        # a CPU compiles (the tests do) but gains little for a long first step
+        return bool(compile_arg), "" if compile_arg else f"off by default on {device.type}"
+    missing = []
+    try:
+        import triton  # noqa: F401  inductor writes its GPU kernels in Triton, which has no official Windows build
+    except ImportError:
+        missing.append("Triton is not installed")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        missing.append(f"Triton needs compute capability >= 7.0, {gpu_name(device)} is older")
+    if missing and compile_arg:
+        raise UsageError(f"--compile cannot run here: {' and '.join(missing)}; pass --no-compile (or leave "
+                         "--compile out: it is then off where it cannot run)")
+    return not missing, " and ".join(missing)
+
+
+def keep_freed_memory():
+    # glibc returns each freed buffer over 32 MB to the OS, and taking it back costs a page fault per
+    # 4 KB; a CPU micro-batch's logits (B*T*vocab floats) are hundreds of MB. Serving them from the heap
+    # and never trimming it made CPU training steps ~1.6x faster here.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, Windows, musl): nothing to tune
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations up to 1 GiB come from the heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
+
+
+# Peak dense (not 2:4-sparse) tensor-core FLOP/s per autocast dtype, from NVIDIA's datasheets (data center and
+# workstation cards) and architecture whitepapers (GeForce: Turing, Ampere GA102, Ada; there the figure "with FP32
+# accumulate", which is what PyTorch's matmuls use, is half the FP16-accumulate one). float32 is the TF32 tensor
+# peak, which fp32 matmuls run at on Ampere and newer (set_float32_matmul_precision("high")); on Volta and Turing,
+# which have no TF32 and no bf16, the plain FP32 peak. A dtype a card lacks has no entry (no MFU printed).
+# A10G: an AWS part without an NVIDIA datasheet; 70T is this table's earlier figure, not checked against a source.
+# Keys are matched as whole words of torch.cuda.get_device_name(), longest first: see peak_flops.
+PEAK_FLOPS = {
+    "H200": dict(bfloat16=989e12, float16=989e12, float32=495e12),  # H200 SXM
+    "H200 NVL": dict(bfloat16=836e12, float16=836e12, float32=418e12),
+    "H100": dict(bfloat16=989e12, float16=989e12, float32=495e12),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    "H100 PCIe": dict(bfloat16=756e12, float16=756e12, float32=378e12),
+    "H100 NVL": dict(bfloat16=836e12, float16=836e12, float32=418e12),
+    "A100": dict(bfloat16=312e12, float16=312e12, float32=156e12),  # SXM and PCIe alike
+    "A10": dict(bfloat16=125e12, float16=125e12, float32=62.5e12),
+    "A10G": dict(bfloat16=70e12, float16=70e12),
+    "RTX A6000": dict(bfloat16=154.8e12, float16=154.8e12, float32=77.4e12),
+    "L40S": dict(bfloat16=362e12, float16=362e12, float32=183e12),
+    "L40": dict(bfloat16=181e12, float16=181e12, float32=90.5e12),
+    "L4": dict(bfloat16=121e12, float16=121e12, float32=60e12),
+    "RTX 4090": dict(bfloat16=165.2e12, float16=165.2e12, float32=82.6e12),
+    "RTX 4080": dict(bfloat16=97.5e12, float16=97.5e12, float32=48.7e12),
+    "RTX 3090": dict(bfloat16=71e12, float16=71e12, float32=35.6e12),
+    "RTX 3080": dict(bfloat16=59.5e12, float16=59.5e12, float32=29.8e12),
+    "RTX 2080 Ti": dict(float16=53.8e12, float32=13.4e12),
+    "RTX 2080": dict(float16=40.3e12, float32=10.1e12),
+    "T4": dict(float16=65e12, float32=8.1e12),
+    "V100": dict(float16=125e12, float32=15.7e12),  # SXM2 ("Tesla V100-SXM2-16GB")
+    "V100 PCIE": dict(float16=112e12, float32=14e12),
+    "V100S": dict(float16=130e12, float32=16.4e12),
+}
+
+
+def peak_flops(device, dtype):
+    """Peak FLOP/s of this GPU in `dtype` (PEAK_FLOPS), or None: a CPU, an unknown GPU or a dtype it lacks."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device)).get(dtype)
+
+
+def peak_flops_of(device_name):
+    # as whole words, longest key first: a plain substring test takes "NVIDIA A100-SXM4-80GB" for an A10,
+    # "NVIDIA L40S" for an L4 and "NVIDIA H100 PCIe" for the SXM part
+    words = device_name.upper().replace("-", " ").split()
+    for key in sorted(PEAK_FLOPS, key=lambda k: -len(k.split())):
+        n = len(key.split())
+        if any(words[i:i + n] == key.upper().split() for i in range(len(words) - n + 1)):
+            return PEAK_FLOPS[key]
+    return {}
