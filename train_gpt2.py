@@ -39,15 +39,19 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
+
+class UsageError(Exception):
+    """Bad input from the user: every script prints it as one line and exits non-zero."""
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
 EOT = 50256  # <|endoftext|>: the document separator in every shard
 GPT2_VOCAB = 50257  # real token ids; vocab_size 50304 pads to a multiple of 64 for faster matmuls
 BPE_FILE = Path(__file__).with_name("gpt2.tiktoken")
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-class UsageError(Exception):
-    """Bad input from the user: every script prints it as one line and exits non-zero."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +64,7 @@ def get_tokenizer():
 
 
 # -----------------------------------------------------------------------------
-# the model
+# the model, OpenAI's weights and sampling
 
 
 @dataclass
@@ -208,8 +212,17 @@ class GPT(nn.Module):
         return model
 
 
+HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
 # OpenAI's checkpoints use a Conv1D module whose weight is (in, out); nn.Linear's is (out, in)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_to_ours(sd):
+    # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
+    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    return {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
 
 
 def pad_vocab(model, vocab_size):
@@ -227,12 +240,6 @@ def pad_vocab(model, vocab_size):
     return padded
 
 
-def hf_to_ours(sd):
-    # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
-    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    return {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
-
-
 def flops_per_token(model, T):
     # PaLM (Chowdhery et al. 2022, appendix B): 6N for the matmuls forward and backward, N the parameters
     # minus the position table (a lookup, no matmul; the tied wte counts as lm_head), plus 12*L*H*Q*T for
@@ -240,10 +247,6 @@ def flops_per_token(model, T):
     c = model.config
     N = model.num_params() - model.transformer.wpe.weight.numel()
     return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
-
-
-# -----------------------------------------------------------------------------
-# sampling
 
 
 @torch.no_grad()  # not inference_mode: FSDP2's first all-gather would make its unsharded weights inference tensors
@@ -288,40 +291,6 @@ def sample_text(model, cfg, seed=42, device="cpu"):
     gen = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
     return [enc.decode(row) for row in out.tolist()]
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def load_checkpoint(path):
-    # memory-mapped on the CPU: the ranks of a machine share one copy of the file in the page cache, and no GPU
-    # holds the optimizer state twice while it is loaded
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint '{path}' does not exist") from None
-    except Exception as e:
-        if isinstance(e, MemoryError) or "allocate memory" in str(e):  # the CPU allocator's words for it
-            raise UsageError(f"checkpoint '{path}' ({os.path.getsize(path) / 2**30:.1f} GiB) does not fit in this "
-                             "machine's free memory: free some, or load it where there is more") from None
-        raise UsageError(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
-                         f"({type(e).__name__}); delete it or pass another") from None
-
-
-def load_model(name_or_path, device="cpu"):
-    """Our .pt checkpoint, an HF GPT-2 name (gpt2 ... gpt2-xl) or a folder saved by transformers."""
-    if name_or_path.endswith(".pt") and not os.path.exists(name_or_path):
-        raise UsageError(f"checkpoint '{name_or_path}' does not exist; pass an existing .pt, a folder or a model name")
-    if os.path.isfile(name_or_path):
-        ckpt = load_checkpoint(name_or_path)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            raise UsageError(f"'{name_or_path}' is not a train_gpt2.py checkpoint (no model/config entries)")
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    else:
-        model = GPT.from_pretrained(name_or_path)
-    return model.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -493,160 +462,7 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 
 # -----------------------------------------------------------------------------
-# FLOPs and MFU
-
-# -----------------------------------------------------------------------------
-# training
-
-
-@dataclass
-class TrainConfig:
-    data: str = "edu_fineweb10B"  # folder of fineweb.py shards, or a .txt file (last 10% held out for val)
-    log_dir: str = "log"  # log.txt and checkpoints
-    batch_size: int = 64  # micro-batch B per process
-    seq_len: int = 1024  # T
-    total_batch_size: int = 524288  # tokens per optimizer step, ~0.5M as in GPT-3 Small; accumulation fills it
-    max_lr: float = 6e-4
-    min_lr: float = None  # default 0.1 * max_lr
-    warmup_steps: int = 715  # 375M tokens, as in GPT-3
-    max_steps: int = 19073  # 10B tokens / 524288
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    shuffle: bool = True  # seeded shard order per epoch and document order within shards
-    eval_interval: int = 250
-    val_tokens: int = 10485760  # a fixed prefix of the val split, the same for every world size
-    hellaswag: bool = True
-    hellaswag_data: str = None  # hellaswag_val.jsonl or its folder; default: hellaswag.py's download cache
-    sample_interval: int = 250
-    checkpoint_interval: int = 5000
-    # seconds a rank waits on the others (a collective, the process group's setup) before it exits non-zero, so that
-    # torchrun --max-restarts can restart a group with a dead or hung rank; torch's default is 30 min (gloo) or 10
-    # (NCCL). The longest legitimate wait is the other ranks at the next collective while rank 0 writes a
-    # checkpoint: 18.7 GB at gpt2-xl, 3 min at 100 MB/s; raise it on a slower disk. (The first torch.compile runs on
-    # every rank at once: the others wait only for the slowest.)
-    dist_timeout: int = 600
-    resume: bool = False  # continue from the newest checkpoint in log_dir
-    fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
-    recompute: bool = False  # activation checkpointing: each block keeps only its input and recomputes in backward
-    memory_check: bool = True  # on a GPU, stop before step 0 when the memory plan does not fit
-    init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
-    compile: bool = None  # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    # auto: bfloat16 autocast on a GPU with bf16 tensor cores (Ampere+), float16 autocast + GradScaler on an older
-    # one, float32 elsewhere; or float32, bfloat16, float16 (with a GradScaler, on any device): resolve_precision
-    dtype: str = "auto"
-    seed: int = 1337
-    # Muon (Jordan 2024) for the blocks' matrices, AdamW for the rest: see configure_optimizer and the README
-    optimizer: str = "adamw"  # adamw (the recipe) or muon
-    muon_lr: float = None  # Muon's peak lr, on the same schedule; default max_lr (Liu et al. 2025: update RMS matched to AdamW's)
-    muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov), Keller Jordan's value
-    muon_split_qkv: bool = True  # orthogonalise c_attn's q, k, v apart: no worse than the fused matrix here (within noise), see README
-    # reporting: log.txt is the record; W&B mirrors it
-    wandb: str = None  # a Weights & Biases project to log the run to (rank 0; needs `pip install wandb`); default off
-
-
-@dataclass
-class SampleConfig:
-    prompt: str = "Hello, I'm a language model,"  # also the prompt of the samples printed during training
-    sample: bool = False  # sample from --init_from (or the newest checkpoint in --log_dir) and exit
-    num_samples: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 50
-    export: str = None  # write --init_from (or the newest checkpoint) as a transformers folder and exit
-
-
-# The GPT-2 family (Radford et al. 2019, table 2) with the recipes of the runs that reproduced it: llm.c's run
-# scripts (scripts/run_gpt2_{350M,774M,1558M}.sh) and the GPT-3 paper's table 2.1 (Brown et al. 2020) for the
-# GPT-3 models of the same size. Each wants more tokens than sample-10BT holds, so they read FineWeb-Edu
-# sample-100BT: `python fineweb.py --name sample-100BT --output_dir edu_fineweb100B`. batch_size is the micro-batch
-# that fits an 80 GB GPU under DDP (README: the family's table); accumulation fills total_batch_size either way.
-FAMILY_DATA = "edu_fineweb100B"
-SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")  # Tiny Shakespeare, shipped
-PRESETS = {
-    # 124M: the defaults of GPTConfig and TrainConfig are its recipe (GPT-3 Small's lr and batch, 10B tokens)
-    "gpt2": {},
-    # 350M: llm.c's run, lr 3e-4 (= GPT-3 Medium's), 60,000 steps of 524,288 tokens (31.5B), 700 warmup steps,
-    # cosine to 0 (llm.c -q 0.0)
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr=0.0, warmup_steps=700,
-                        max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium"),
-    # 774M: lr 2.5e-4 (GPT-3 Large's, and llm.c's), 524,288 tokens/step, 700 warmup steps, cosine to 0. llm.c ran
-    # 286,102 steps (150B tokens: more than sample-100BT holds, 5.6 days on 8xA100); we take XL's 32B tokens so the
-    # family compares at equal data (--max_steps 286102 for llm.c's run)
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, min_lr=0.0, warmup_steps=700,
-                       max_steps=61035, batch_size=16, data=FAMILY_DATA, log_dir="log_gpt2-large"),
-    # 1558M: llm.c's 24-hour run on one 8xH100 node: lr 6e-4 (3x GPT-3 XL's 2e-4: llm.c's choice, which trained
-    # fine), 32,000 steps of 1,048,576 tokens (33.6B; GPT-3 XL's batch is 1M too), 700 warmup steps, cosine to 0.1x
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
-                    total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
-    # OpenAI's 124M fine-tuned on the shipped Tiny Shakespeare, after nanoGPT's config/finetune_shakespeare.py:
-    # a constant lr of 3e-5 (max_lr = min_lr, no warmup), 20 steps of 32,768 tokens, val and samples every 5.
-    # Offline, pass a transformers folder: --init_from FOLDER
-    "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE,
-                                 log_dir="log_shakespeare_finetune", batch_size=8, total_batch_size=32768, max_lr=3e-5,
-                                 min_lr=3e-5, warmup_steps=0, max_steps=20, eval_interval=5, val_tokens=32768,
-                                 sample_interval=5, checkpoint_interval=10, hellaswag=False, prompt="ROMEO:",
-                                 max_new_tokens=48),
-    # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
-    "shakespeare": dict(data=SHAKESPEARE,
-                        log_dir="log_shakespeare", n_layer=6, n_head=4, n_embd=128, block_size=128,
-                        batch_size=16, seq_len=128, total_batch_size=4096, max_lr=2e-3, warmup_steps=20,
-                        max_steps=250, eval_interval=25, val_tokens=16384, sample_interval=50,
-                        checkpoint_interval=50, hellaswag=False, prompt="\n", max_new_tokens=48),
-}
-
-
-def check_config(model_cfg, cfg, sample_cfg):
-    """Every flag's value, checked before a model is built or a file written: a bad one is one UsageError."""
-    def need(ok, name, takes):
-        if not ok:
-            raise UsageError(f"--{name} {getattr(values, name)}: it takes {takes}")
-    values = argparse.Namespace(**asdict(model_cfg), **asdict(cfg), **asdict(sample_cfg))
-    for f in fields(GPTConfig) + fields(TrainConfig) + fields(SampleConfig):
-        value = getattr(values, f.name)
-        need(f.type is not float or value is None or math.isfinite(value), f.name, "a finite number")
-    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "seq_len",
-                 "total_batch_size", "max_steps", "eval_interval", "val_tokens", "sample_interval",
-                 "checkpoint_interval", "dist_timeout", "num_samples", "max_new_tokens", "top_k"):
-        need(getattr(values, name) >= 1, name, "an integer >= 1")
-    need(model_cfg.vocab_size >= GPT2_VOCAB, "vocab_size", f"an integer >= {GPT2_VOCAB}, the GPT-2 tokenizer's size")
-    need(model_cfg.n_embd % model_cfg.n_head == 0, "n_embd", f"a multiple of --n_head {model_cfg.n_head}")
-    need(cfg.max_lr > 0, "max_lr", "a learning rate > 0, e.g. 6e-4")
-    need(cfg.optimizer in ("adamw", "muon"), "optimizer", "adamw or muon")
-    need(cfg.muon_lr is None or cfg.muon_lr > 0, "muon_lr", "a learning rate > 0, e.g. 6e-4")
-    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "a number in [0, 1), e.g. 0.95")
-    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr", f"a learning rate from 0 to --max_lr {cfg.max_lr}")
-    need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
-    need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
-    need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
-    need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
-    need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
-    need(not os.path.isfile(cfg.log_dir), "log_dir", "a folder, and that is a file: pass another --log_dir")
-    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
-    need(cfg.wandb is None or cfg.wandb.strip() != "", "wandb", "a W&B project name")
-    if cfg.wandb is not None:
-        try:
-            import wandb  # noqa: F401  only for --wandb: a run without it never needs the package
-        except ImportError:
-            raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
-                             "(or drop --wandb)") from None
-    if cfg.fsdp and cfg.optimizer == "muon":
-        # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
-        raise UsageError("--optimizer muon does not run with --fsdp (each rank holds only slices of the matrices "
-                         "Muon orthogonalises): use --optimizer adamw with --fsdp, or Muon without --fsdp")
-
-
-def attempt_store(timeout):
-    """torchrun's TCPStore under a prefix naming this attempt. torchrun (2.5+) keeps one store for every restart
-    of the group, so without it a restarted rank reads the dead attempt's keys (gloo's peer addresses, NCCL's
-    unique id): 'Connection refused', or ranks that wait for each other forever (pytorch#135712)."""
-    # the restart count names the attempt for every rank of one agent; each node's agent keeps its own count
-    if int(os.environ["GROUP_WORLD_SIZE"]) > 1 and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) > 0:
-        raise UsageError("torchrun --max-restarts over several nodes shares one TCPStore between attempts, which "
-                         "a restarted group misreads: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    store.set_timeout(timeout)
-    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+# devices, processes and wrapping
 
 
 def setup_distributed(device_arg, fsdp=False, timeout_s=600):
@@ -669,6 +485,19 @@ def setup_distributed(device_arg, fsdp=False, timeout_s=600):
         # FSDP2 shards over a process group even in one process: a group of one, no rendezvous needed
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return torchrun or fsdp, rank, world, device
+
+
+def attempt_store(timeout):
+    """torchrun's TCPStore under a prefix naming this attempt. torchrun (2.5+) keeps one store for every restart
+    of the group, so without it a restarted rank reads the dead attempt's keys (gloo's peer addresses, NCCL's
+    unique id): 'Connection refused', or ranks that wait for each other forever (pytorch#135712)."""
+    # the restart count names the attempt for every rank of one agent; each node's agent keeps its own count
+    if int(os.environ["GROUP_WORLD_SIZE"]) > 1 and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) > 0:
+        raise UsageError("torchrun --max-restarts over several nodes shares one TCPStore between attempts, which "
+                         "a restarted group misreads: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def all_reduce(t, distributed):
@@ -746,6 +575,10 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False)
     return compiled
 
 
+# -----------------------------------------------------------------------------
+# the step
+
+
 def accumulate_gradients(model, batches, autocast, parallel=None, *, scaler=None):
     """Forward and backward over micro-batches; returns the mean loss. The gradients equal one big batch's
     (times the GradScaler's scale, when there is one)."""
@@ -788,6 +621,22 @@ def clip_grad_norm(params, max_norm):
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def step_skipped(loss, norm, scaler, step, log_dir):
+    """Whether GradScaler skipped this step; a UsageError if the run diverged. GradScaler skips a step exactly when
+    an unscaled gradient is inf/nan, and then the norm of them all is too: the norm, read in the step's one sync,
+    says so, where reading the scale back would be a second sync. An fp16 overflow is routine (the scale starts
+    high and halves until the gradients fit); a non-finite loss is divergence, scaler or not."""
+    skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
+    if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
+        raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
+                         f"lower --max_lr or check the data. The last good checkpoint is intact: {find_checkpoint(log_dir)}")
+    return skipped
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
 def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=False):
     # The step's module and graph, autograd on and never backpropagated: GPT-2 here has no dropout, so train
     # mode computes the same loss, and eval mode or no_grad would compile a second graph (33 s for 124M on an
@@ -817,21 +666,35 @@ def batch_loss(model, x, y, autocast):
         return model(x, y)[1].detach()
 
 
-def find_checkpoint(log_dir):
-    ckpts = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
-    return ckpts[-1] if ckpts else None
+def load_hellaswag(cfg, block_size, master, distributed):
+    """The HellaSwag examples that fit block_size on every rank, or None on every rank if any rank lacks them."""
+    if not cfg.hellaswag:
+        return None
+    import hellaswag
+    try:
+        examples = on_every_rank(lambda: hellaswag.load_examples("val", data=cfg.hellaswag_data), distributed)
+    except UsageError as e:
+        if master:
+            print(f"HellaSwag skipped: {e}", flush=True)
+        return None
+    examples, note = hellaswag.fit_to_block(examples, block_size)
+    if note and master:
+        print(note, flush=True)
+    return examples or None
 
 
-def by_name(optimizer_state, raw_model, optimizer):
-    """A torch.optim state dict keyed by parameter name, as DCP's loader wants it. Its keys may be indices
-    (torch.optim's own: checkpoints written without FSDP, and older FSDP ones) or names; matched by order, as
-    load_state_dict matches them."""
-    names = {p: n for n, p in raw_model.named_parameters()}
-    name = dict(zip([k for group in optimizer_state["param_groups"] for k in group["params"]],
-                    [names[p] for group in optimizer.param_groups for p in group["params"]]))
-    return {"state": {name[k]: s for k, s in optimizer_state["state"].items()},
-            "param_groups": [{**group, "params": [name[k] for k in group["params"]]}
-                             for group in optimizer_state["param_groups"]]}
+def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, distributed):
+    """(correct by acc_norm, examples) over all ranks, each scoring its share with the uncompiled model."""
+    import hellaswag  # imported here: hellaswag.py imports this file
+    with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
+        n, _, n_norm = hellaswag.evaluate(raw_model, examples, device, rank=rank, world_size=world,
+                                          autocast_dtype=precision.autocast_dtype)
+    counts = all_reduce(torch.tensor([n_norm, n], dtype=torch.long, device=device), distributed)
+    return tuple(counts.tolist())
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and resuming
 
 
 def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scaler=None):
@@ -866,6 +729,147 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
         os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
 
 
+def by_name(optimizer_state, raw_model, optimizer):
+    """A torch.optim state dict keyed by parameter name, as DCP's loader wants it. Its keys may be indices
+    (torch.optim's own: checkpoints written without FSDP, and older FSDP ones) or names; matched by order, as
+    load_state_dict matches them."""
+    names = {p: n for n, p in raw_model.named_parameters()}
+    name = dict(zip([k for group in optimizer_state["param_groups"] for k in group["params"]],
+                    [names[p] for group in optimizer.param_groups for p in group["params"]]))
+    return {"state": {name[k]: s for k, s in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [name[k] for k in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
+
+
+def find_checkpoint(log_dir):
+    ckpts = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path):
+    # memory-mapped on the CPU: the ranks of a machine share one copy of the file in the page cache, and no GPU
+    # holds the optimizer state twice while it is loaded
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint '{path}' does not exist") from None
+    except Exception as e:
+        if isinstance(e, MemoryError) or "allocate memory" in str(e):  # the CPU allocator's words for it
+            raise UsageError(f"checkpoint '{path}' ({os.path.getsize(path) / 2**30:.1f} GiB) does not fit in this "
+                             "machine's free memory: free some, or load it where there is more") from None
+        raise UsageError(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
+                         f"({type(e).__name__}); delete it or pass another") from None
+
+
+def load_model(name_or_path, device="cpu"):
+    """Our .pt checkpoint, an HF GPT-2 name (gpt2 ... gpt2-xl) or a folder saved by transformers."""
+    if name_or_path.endswith(".pt") and not os.path.exists(name_or_path):
+        raise UsageError(f"checkpoint '{name_or_path}' does not exist; pass an existing .pt, a folder or a model name")
+    if os.path.isfile(name_or_path):
+        ckpt = load_checkpoint(name_or_path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+            raise UsageError(f"'{name_or_path}' is not a train_gpt2.py checkpoint (no model/config entries)")
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = GPT.from_pretrained(name_or_path)
+    return model.to(device)
+
+
+def find_run(cfg):
+    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides."""
+    ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
+    if cfg.resume and ckpt_path is None:
+        # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
+        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
+    if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
+        raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
+                         "or a new --log_dir (or delete the folder) to start afresh")
+    return ckpt_path
+
+
+# a resumed run follows the command line for these; the data order depends on the ones it refuses to change
+FOLLOWED = ("max_lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "muon_lr", "muon_momentum")
+
+
+DATA_ORDER = ("seed", "shuffle", "seq_len", "total_batch_size")
+
+
+def load_run(ckpt_path, cfg, model_cfg, given, master):
+    """The checkpoint to resume, checked against the flags: a change that would alter the data order is refused."""
+    ckpt = load_checkpoint(ckpt_path)
+    check_shape(GPTConfig(**ckpt["config"]), model_cfg, given, ckpt_path)
+    args = ckpt["args"]
+    changed = [f"--{k} {args[k]}" for k in DATA_ORDER if args[k] != getattr(cfg, k)]
+    # older checkpoints name their data only by the --data string
+    same_data = (ckpt["data"] == data_identity(cfg.data) if "data" in ckpt
+                 else os.path.realpath(args["data"]) == os.path.realpath(cfg.data))
+    if not same_data:
+        changed.append(f"--data {args['data']} (other files than --data {cfg.data} holds now)")
+    if changed:
+        raise UsageError(f"{ckpt_path} was trained with " + ", ".join(changed)
+                         + "; resume with the same values (or start a new --log_dir)")
+    # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
+    opt, split = args.get("optimizer", "adamw"), args.get("muon_split_qkv", True)
+    if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
+        flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
+        raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
+    followed = [f"--{k} {getattr(cfg, k)} (was {args[k]})" for k in FOLLOWED if args.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+    if followed and master:
+        print(f"--resume follows the command line: {', '.join(followed)}", flush=True)
+    return ckpt
+
+
+def check_shape(model_config, model_cfg, given, source):
+    """A model from elsewhere (a checkpoint to resume, --init_from) keeps its own shape: only a shape flag set on
+    the command line (or by the preset) that disagrees with it is an error."""
+    clash = [f"--{k} {getattr(model_cfg, k)} but it has {v}" for k, v in asdict(model_config).items()
+             if k in given and getattr(model_cfg, k) != v]
+    if clash:
+        raise UsageError(f"{source} is a model of another shape: " + ", ".join(clash)
+                         + "; drop those flags (the model's shape is used) or pass another --log_dir / --init_from")
+
+
+def build_model(cfg, model_cfg, given, ckpt):
+    """The unsharded model on the CPU: the checkpoint's weights, --init_from's (weights only: a new run, with a
+    fresh optimizer and schedule; --resume continues a run), or a seeded init."""
+    if ckpt:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    elif cfg.init_from:
+        model = load_model(cfg.init_from)
+        if model.config.vocab_size < model_cfg.vocab_size:  # OpenAI's 50257 tokens, padded as for a fresh model
+            model = pad_vocab(model, model_cfg.vocab_size)
+        check_shape(model.config, model_cfg, given, cfg.init_from)
+    else:
+        model = GPT(model_cfg)
+    if cfg.seq_len > model.config.block_size:
+        raise UsageError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model.config.block_size}")
+    return model
+
+
+def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
+    """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
+    state = ckpt["optimizer"]
+    # every rank read the whole state: under FSDP each keeps its shards. DCP first gives a stateless optimizer
+    # zero moments at step 1, so a checkpoint with no state (fp16: every step so far skipped) loads as is
+    if isinstance(raw_model, FSDPModule) and state["state"]:
+        set_optimizer_state_dict(raw_model, optimizer, by_name(state, raw_model, optimizer),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)  # matches the saved parameters by order: index or name keys alike
+    if scaler is not None and "scaler" in ckpt:  # else a run that was not fp16 goes on in fp16 from a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+    return ckpt["step"]
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
 def train(cfg, model_cfg, sample_cfg, given=()):
     # No SIGTERM handler: torchrun stops the ranks of a failed group with SIGTERM, whose default action ends a rank
     # at once, even inside a collective; a Python handler would run only after that collective gave up
@@ -898,121 +902,6 @@ def grad_accum_steps(cfg, world):
         raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
                          f"world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
     return cfg.total_batch_size // (B * T * world)
-
-
-def check_shape(model_config, model_cfg, given, source):
-    """A model from elsewhere (a checkpoint to resume, --init_from) keeps its own shape: only a shape flag set on
-    the command line (or by the preset) that disagrees with it is an error."""
-    clash = [f"--{k} {getattr(model_cfg, k)} but it has {v}" for k, v in asdict(model_config).items()
-             if k in given and getattr(model_cfg, k) != v]
-    if clash:
-        raise UsageError(f"{source} is a model of another shape: " + ", ".join(clash)
-                         + "; drop those flags (the model's shape is used) or pass another --log_dir / --init_from")
-
-
-def find_run(cfg):
-    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides."""
-    ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
-    if cfg.resume and ckpt_path is None:
-        # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
-        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
-    if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
-        raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
-                         "or a new --log_dir (or delete the folder) to start afresh")
-    return ckpt_path
-
-
-# a resumed run follows the command line for these; the data order depends on the ones it refuses to change
-FOLLOWED = ("max_lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "muon_lr", "muon_momentum")
-DATA_ORDER = ("seed", "shuffle", "seq_len", "total_batch_size")
-
-
-def load_run(ckpt_path, cfg, model_cfg, given, master):
-    """The checkpoint to resume, checked against the flags: a change that would alter the data order is refused."""
-    ckpt = load_checkpoint(ckpt_path)
-    check_shape(GPTConfig(**ckpt["config"]), model_cfg, given, ckpt_path)
-    args = ckpt["args"]
-    changed = [f"--{k} {args[k]}" for k in DATA_ORDER if args[k] != getattr(cfg, k)]
-    # older checkpoints name their data only by the --data string
-    same_data = (ckpt["data"] == data_identity(cfg.data) if "data" in ckpt
-                 else os.path.realpath(args["data"]) == os.path.realpath(cfg.data))
-    if not same_data:
-        changed.append(f"--data {args['data']} (other files than --data {cfg.data} holds now)")
-    if changed:
-        raise UsageError(f"{ckpt_path} was trained with " + ", ".join(changed)
-                         + "; resume with the same values (or start a new --log_dir)")
-    # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
-    opt, split = args.get("optimizer", "adamw"), args.get("muon_split_qkv", True)
-    if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
-        flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
-        raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
-    followed = [f"--{k} {getattr(cfg, k)} (was {args[k]})" for k in FOLLOWED if args.get(k, getattr(cfg, k)) != getattr(cfg, k)]
-    if followed and master:
-        print(f"--resume follows the command line: {', '.join(followed)}", flush=True)
-    return ckpt
-
-
-def build_model(cfg, model_cfg, given, ckpt):
-    """The unsharded model on the CPU: the checkpoint's weights, --init_from's (weights only: a new run, with a
-    fresh optimizer and schedule; --resume continues a run), or a seeded init."""
-    if ckpt:
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    elif cfg.init_from:
-        model = load_model(cfg.init_from)
-        if model.config.vocab_size < model_cfg.vocab_size:  # OpenAI's 50257 tokens, padded as for a fresh model
-            model = pad_vocab(model, model_cfg.vocab_size)
-        check_shape(model.config, model_cfg, given, cfg.init_from)
-    else:
-        model = GPT(model_cfg)
-    if cfg.seq_len > model.config.block_size:
-        raise UsageError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model.config.block_size}")
-    return model
-
-
-def load_hellaswag(cfg, block_size, master, distributed):
-    """The HellaSwag examples that fit block_size on every rank, or None on every rank if any rank lacks them."""
-    if not cfg.hellaswag:
-        return None
-    import hellaswag
-    try:
-        examples = on_every_rank(lambda: hellaswag.load_examples("val", data=cfg.hellaswag_data), distributed)
-    except UsageError as e:
-        if master:
-            print(f"HellaSwag skipped: {e}", flush=True)
-        return None
-    examples, note = hellaswag.fit_to_block(examples, block_size)
-    if note and master:
-        print(note, flush=True)
-    return examples or None
-
-
-def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, distributed):
-    """(correct by acc_norm, examples) over all ranks, each scoring its share with the uncompiled model."""
-    import hellaswag  # imported here: hellaswag.py imports this file
-    with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
-        n, _, n_norm = hellaswag.evaluate(raw_model, examples, device, rank=rank, world_size=world,
-                                          autocast_dtype=precision.autocast_dtype)
-    counts = all_reduce(torch.tensor([n_norm, n], dtype=torch.long, device=device), distributed)
-    return tuple(counts.tolist())
-
-
-def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
-    """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
-    state = ckpt["optimizer"]
-    # every rank read the whole state: under FSDP each keeps its shards. DCP first gives a stateless optimizer
-    # zero moments at step 1, so a checkpoint with no state (fp16: every step so far skipped) loads as is
-    if isinstance(raw_model, FSDPModule) and state["state"]:
-        set_optimizer_state_dict(raw_model, optimizer, by_name(state, raw_model, optimizer),
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)  # matches the saved parameters by order: index or name keys alike
-    if scaler is not None and "scaler" in ckpt:  # else a run that was not fp16 goes on in fp16 from a fresh scale
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-    return ckpt["step"]
 
 
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
@@ -1139,20 +1028,149 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     log.close()
 
 
-def step_skipped(loss, norm, scaler, step, log_dir):
-    """Whether GradScaler skipped this step; a UsageError if the run diverged. GradScaler skips a step exactly when
-    an unscaled gradient is inf/nan, and then the norm of them all is too: the norm, read in the step's one sync,
-    says so, where reading the scale back would be a second sync. An fp16 overflow is routine (the scale starts
-    high and halves until the gradients fit); a non-finite loss is divergence, scaler or not."""
-    skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
-    if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
-        raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
-                         f"lower --max_lr or check the data. The last good checkpoint is intact: {find_checkpoint(log_dir)}")
-    return skipped
-
-
 # -----------------------------------------------------------------------------
 # command line
+
+
+@dataclass
+class TrainConfig:
+    data: str = "edu_fineweb10B"  # folder of fineweb.py shards, or a .txt file (last 10% held out for val)
+    log_dir: str = "log"  # log.txt and checkpoints
+    batch_size: int = 64  # micro-batch B per process
+    seq_len: int = 1024  # T
+    total_batch_size: int = 524288  # tokens per optimizer step, ~0.5M as in GPT-3 Small; accumulation fills it
+    max_lr: float = 6e-4
+    min_lr: float = None  # default 0.1 * max_lr
+    warmup_steps: int = 715  # 375M tokens, as in GPT-3
+    max_steps: int = 19073  # 10B tokens / 524288
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    shuffle: bool = True  # seeded shard order per epoch and document order within shards
+    eval_interval: int = 250
+    val_tokens: int = 10485760  # a fixed prefix of the val split, the same for every world size
+    hellaswag: bool = True
+    hellaswag_data: str = None  # hellaswag_val.jsonl or its folder; default: hellaswag.py's download cache
+    sample_interval: int = 250
+    checkpoint_interval: int = 5000
+    # seconds a rank waits on the others (a collective, the process group's setup) before it exits non-zero, so that
+    # torchrun --max-restarts can restart a group with a dead or hung rank; torch's default is 30 min (gloo) or 10
+    # (NCCL). The longest legitimate wait is the other ranks at the next collective while rank 0 writes a
+    # checkpoint: 18.7 GB at gpt2-xl, 3 min at 100 MB/s; raise it on a slower disk. (The first torch.compile runs on
+    # every rank at once: the others wait only for the slowest.)
+    dist_timeout: int = 600
+    resume: bool = False  # continue from the newest checkpoint in log_dir
+    fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
+    recompute: bool = False  # activation checkpointing: each block keeps only its input and recomputes in backward
+    memory_check: bool = True  # on a GPU, stop before step 0 when the memory plan does not fit
+    init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
+    compile: bool = None  # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    # auto: bfloat16 autocast on a GPU with bf16 tensor cores (Ampere+), float16 autocast + GradScaler on an older
+    # one, float32 elsewhere; or float32, bfloat16, float16 (with a GradScaler, on any device): resolve_precision
+    dtype: str = "auto"
+    seed: int = 1337
+    # Muon (Jordan 2024) for the blocks' matrices, AdamW for the rest: see configure_optimizer and the README
+    optimizer: str = "adamw"  # adamw (the recipe) or muon
+    muon_lr: float = None  # Muon's peak lr, on the same schedule; default max_lr (Liu et al. 2025: update RMS matched to AdamW's)
+    muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov), Keller Jordan's value
+    muon_split_qkv: bool = True  # orthogonalise c_attn's q, k, v apart: no worse than the fused matrix here (within noise), see README
+    # reporting: log.txt is the record; W&B mirrors it
+    wandb: str = None  # a Weights & Biases project to log the run to (rank 0; needs `pip install wandb`); default off
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "Hello, I'm a language model,"  # also the prompt of the samples printed during training
+    sample: bool = False  # sample from --init_from (or the newest checkpoint in --log_dir) and exit
+    num_samples: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 50
+    export: str = None  # write --init_from (or the newest checkpoint) as a transformers folder and exit
+
+
+# The GPT-2 family (Radford et al. 2019, table 2) with the recipes of the runs that reproduced it: llm.c's run
+# scripts (scripts/run_gpt2_{350M,774M,1558M}.sh) and the GPT-3 paper's table 2.1 (Brown et al. 2020) for the
+# GPT-3 models of the same size. Each wants more tokens than sample-10BT holds, so they read FineWeb-Edu
+# sample-100BT: `python fineweb.py --name sample-100BT --output_dir edu_fineweb100B`. batch_size is the micro-batch
+# that fits an 80 GB GPU under DDP (README: the family's table); accumulation fills total_batch_size either way.
+FAMILY_DATA = "edu_fineweb100B"
+
+
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")  # Tiny Shakespeare, shipped
+
+
+PRESETS = {
+    # 124M: the defaults of GPTConfig and TrainConfig are its recipe (GPT-3 Small's lr and batch, 10B tokens)
+    "gpt2": {},
+    # 350M: llm.c's run, lr 3e-4 (= GPT-3 Medium's), 60,000 steps of 524,288 tokens (31.5B), 700 warmup steps,
+    # cosine to 0 (llm.c -q 0.0)
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr=0.0, warmup_steps=700,
+                        max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium"),
+    # 774M: lr 2.5e-4 (GPT-3 Large's, and llm.c's), 524,288 tokens/step, 700 warmup steps, cosine to 0. llm.c ran
+    # 286,102 steps (150B tokens: more than sample-100BT holds, 5.6 days on 8xA100); we take XL's 32B tokens so the
+    # family compares at equal data (--max_steps 286102 for llm.c's run)
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, min_lr=0.0, warmup_steps=700,
+                       max_steps=61035, batch_size=16, data=FAMILY_DATA, log_dir="log_gpt2-large"),
+    # 1558M: llm.c's 24-hour run on one 8xH100 node: lr 6e-4 (3x GPT-3 XL's 2e-4: llm.c's choice, which trained
+    # fine), 32,000 steps of 1,048,576 tokens (33.6B; GPT-3 XL's batch is 1M too), 700 warmup steps, cosine to 0.1x
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
+                    total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
+    # OpenAI's 124M fine-tuned on the shipped Tiny Shakespeare, after nanoGPT's config/finetune_shakespeare.py:
+    # a constant lr of 3e-5 (max_lr = min_lr, no warmup), 20 steps of 32,768 tokens, val and samples every 5.
+    # Offline, pass a transformers folder: --init_from FOLDER
+    "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE,
+                                 log_dir="log_shakespeare_finetune", batch_size=8, total_batch_size=32768, max_lr=3e-5,
+                                 min_lr=3e-5, warmup_steps=0, max_steps=20, eval_interval=5, val_tokens=32768,
+                                 sample_interval=5, checkpoint_interval=10, hellaswag=False, prompt="ROMEO:",
+                                 max_new_tokens=48),
+    # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
+    "shakespeare": dict(data=SHAKESPEARE,
+                        log_dir="log_shakespeare", n_layer=6, n_head=4, n_embd=128, block_size=128,
+                        batch_size=16, seq_len=128, total_batch_size=4096, max_lr=2e-3, warmup_steps=20,
+                        max_steps=250, eval_interval=25, val_tokens=16384, sample_interval=50,
+                        checkpoint_interval=50, hellaswag=False, prompt="\n", max_new_tokens=48),
+}
+
+
+def check_config(model_cfg, cfg, sample_cfg):
+    """Every flag's value, checked before a model is built or a file written: a bad one is one UsageError."""
+    def need(ok, name, takes):
+        if not ok:
+            raise UsageError(f"--{name} {getattr(values, name)}: it takes {takes}")
+    values = argparse.Namespace(**asdict(model_cfg), **asdict(cfg), **asdict(sample_cfg))
+    for f in fields(GPTConfig) + fields(TrainConfig) + fields(SampleConfig):
+        value = getattr(values, f.name)
+        need(f.type is not float or value is None or math.isfinite(value), f.name, "a finite number")
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "seq_len",
+                 "total_batch_size", "max_steps", "eval_interval", "val_tokens", "sample_interval",
+                 "checkpoint_interval", "dist_timeout", "num_samples", "max_new_tokens", "top_k"):
+        need(getattr(values, name) >= 1, name, "an integer >= 1")
+    need(model_cfg.vocab_size >= GPT2_VOCAB, "vocab_size", f"an integer >= {GPT2_VOCAB}, the GPT-2 tokenizer's size")
+    need(model_cfg.n_embd % model_cfg.n_head == 0, "n_embd", f"a multiple of --n_head {model_cfg.n_head}")
+    need(cfg.max_lr > 0, "max_lr", "a learning rate > 0, e.g. 6e-4")
+    need(cfg.optimizer in ("adamw", "muon"), "optimizer", "adamw or muon")
+    need(cfg.muon_lr is None or cfg.muon_lr > 0, "muon_lr", "a learning rate > 0, e.g. 6e-4")
+    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "a number in [0, 1), e.g. 0.95")
+    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr", f"a learning rate from 0 to --max_lr {cfg.max_lr}")
+    need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
+    need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+    need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
+    need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
+    need(not os.path.isfile(cfg.log_dir), "log_dir", "a folder, and that is a file: pass another --log_dir")
+    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+    need(cfg.wandb is None or cfg.wandb.strip() != "", "wandb", "a W&B project name")
+    if cfg.wandb is not None:
+        try:
+            import wandb  # noqa: F401  only for --wandb: a run without it never needs the package
+        except ImportError:
+            raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
+                             "(or drop --wandb)") from None
+    if cfg.fsdp and cfg.optimizer == "muon":
+        # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
+        raise UsageError("--optimizer muon does not run with --fsdp (each rank holds only slices of the matrices "
+                         "Muon orthogonalises): use --optimizer adamw with --fsdp, or Muon without --fsdp")
 
 
 def parse_args(argv=None):
