@@ -194,9 +194,7 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel  # only here, so training never needs transformers
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        try:
-            # HF_HUB_OFFLINE=1 takes the HF cache as it is; without it huggingface_hub (through HTTPS_PROXY where
-            # one is set) retries an unreachable hub, 23 s where DNS fails, before it gives up
+        try:  # huggingface_hub's own offline (HF_HUB_OFFLINE=1) and proxy (HTTPS_PROXY) handling
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except OSError as e:
             raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); offline? pass a "
@@ -226,11 +224,8 @@ def hf_to_ours(sd):
 
 
 def pad_vocab(model, vocab_size):
-    """The model with its tied embedding grown to vocab_size rows (a multiple of 64 makes the matmuls faster).
-    Each new row is the mean of the real ones, so its logit is the mean of the real logits: those are unchanged,
-    and the loss grows by at most log(1 + new rows / real rows), 0.0009 nats for 50257 -> 50304 (Jensen: the
-    real rows' exp-logits average at least exp of their mean). Training then pushes the new rows down, as it
-    does the padding of a model trained from scratch."""
+    """The model with its tied embedding grown to vocab_size rows, each new one the mean of the real rows: the real
+    logits are unchanged, and the loss grows by at most log(1 + new / real rows) (tests/test_finetune.py)."""
     sd = model.state_dict()
     wte = sd["transformer.wte.weight"]
     sd["transformer.wte.weight"] = sd["lm_head.weight"] = torch.cat(
@@ -241,15 +236,13 @@ def pad_vocab(model, vocab_size):
 
 
 def flops_per_token(model, T):
-    # PaLM (Chowdhery et al. 2022, appendix B): 6N for the matmuls forward and backward, N the parameters
-    # minus the position table (a lookup, no matmul; the tied wte counts as lm_head), plus 12*L*H*Q*T for
-    # attention scores and mixing, with L layers, H heads, Q head size and T the sequence length.
+    # PaLM (Chowdhery et al. 2022, app. B): 6N, N without the position table (a lookup), + 12*L*H*Q*T for attention
     c = model.config
     N = model.num_params() - model.transformer.wpe.weight.numel()
     return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
 
-@torch.no_grad()  # not inference_mode: FSDP2's first all-gather would make its unsharded weights inference tensors
+@torch.no_grad()  # not inference_mode: FSDP2 would gather its weights as inference tensors
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
     """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 is greedy decoding."""
     if top_k is not None and top_k <= 0:
@@ -273,8 +266,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
-            # top-k of the logits, then a softmax over those k only: the same distribution as a softmax
-            # over the whole vocab cut to its top k, without the 50257-wide softmax
+            # a softmax over the top k logits only: the same distribution as the whole vocab's cut to its top k
             topk_logits, topk_ids = torch.topk(logits, min(top_k or GPT2_VOCAB, GPT2_VOCAB), dim=-1)
             choice = torch.multinomial(F.softmax(topk_logits / temperature, dim=-1), 1, generator=generator)
             next_id = torch.gather(topk_ids, -1, choice)
@@ -319,13 +311,9 @@ def load_tokens(path, vocab_size):
 
 class DataLoader:
     """
-    Sequences of T tokens (plus one target) cut from a list of shards, one epoch after another.
-
-    Sequence q of the whole run is a pure function of (q, seed): epoch e = q // sequences_per_epoch
-    visits the shards in a seeded order and, within each shard, its documents (each starts at EOT)
-    in a seeded order. Rank r of W reads sequences ((step * accum + micro) * W + r) * B ... + B, so the
-    global batch of a step is the same set of sequences for any split of accum * W, and resuming
-    needs nothing but the step. Each shard drops only its last (n - 1) % T + 1 tokens.
+    Sequences of T tokens (plus one target) cut from a list of shards, one epoch after another. Sequence q is a
+    pure function of (q, seed): each epoch visits the shards, and each shard's documents, in a seeded order. A
+    step's global batch is the same sequences for any split of accum * world, so resuming needs only the step.
     """
 
     def __init__(self, shards, T, vocab_size, seed=1337, shuffle=True):
@@ -378,8 +366,7 @@ class DataLoader:
 
     def step_batches(self, step, accum, rank, world, B, pin_memory=False):
         """This rank's accum micro-batches of one optimizer step: inputs and targets, each (accum, B, T)."""
-        # written straight into (pinned, on CUDA) tensors: one host-to-device copy each per step, which
-        # can overlap the GPU's work only from page-locked memory
+        # pinned on CUDA: the one host-to-device copy per step overlaps the GPU's work only from page-locked memory
         x, y = (torch.empty((accum, B, self.T), dtype=torch.long, pin_memory=pin_memory) for _ in range(2))
         xs, ys = x.numpy(), y.numpy()
         for micro in range(accum):
@@ -437,9 +424,7 @@ def configure_optimizer(model, weight_decay, lr, device_type, optimizer="adamw",
                         muon_split_qkv=True):
     # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains stay undecayed
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "muon":
-        # Muon is for the hidden layers' matrices only (Jordan 2024): the embeddings, the tied lm_head,
-        # the biases and the LayerNorm gains stay with AdamW
+    if optimizer == "muon":  # Muon takes the blocks' matrices (Jordan 2024); AdamW all the rest
         matrices = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
         params = [p for p in params if id(p) not in matrices]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -488,10 +473,8 @@ def setup_distributed(device_arg, fsdp=False, timeout_s=600):
 
 
 def attempt_store(timeout):
-    """torchrun's TCPStore under a prefix naming this attempt. torchrun (2.5+) keeps one store for every restart
-    of the group, so without it a restarted rank reads the dead attempt's keys (gloo's peer addresses, NCCL's
-    unique id): 'Connection refused', or ranks that wait for each other forever (pytorch#135712)."""
-    # the restart count names the attempt for every rank of one agent; each node's agent keeps its own count
+    """torchrun's TCPStore under a prefix naming this attempt: torchrun 2.5+ keeps one store across restarts, and a
+    restarted rank would read the dead attempt's peer addresses (pytorch#135712). Each node counts its own restarts."""
     if int(os.environ["GROUP_WORLD_SIZE"]) > 1 and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) > 0:
         raise UsageError("torchrun --max-restarts over several nodes shares one TCPStore between attempts, which "
                          "a restarted group misreads: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
@@ -538,8 +521,8 @@ def on_rank_0(fn, distributed):
 
 
 def apply_recompute(model):
-    """Activation checkpointing per block (non-reentrant): in training a block keeps only its input and runs its
-    forward again in backward. The model's modules and state_dict keys are untouched."""
+    """Activation checkpointing per block: in training a block keeps only its input and reruns its forward in
+    backward. The modules and state_dict keys are untouched."""
     for block in model.transformer.h:
         def forward(x, kv_cache=None, _forward=block.forward):
             if kv_cache is None and torch.is_grad_enabled():
@@ -556,11 +539,8 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False)
         apply_recompute(raw_model)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 (or fp16) weights gathered for the forward and backward (half the traffic of fp32; autocast would
-        # cast them for the matmuls anyway), the gradients reduced and the fp32 masters stepped in fp32, as in
-        # torchtitan. Unlike DDP's autocast, the activations between blocks (the residual stream) are then bf16 (fp16)
-        # too. fp16's GradScaler needs nothing of FSDP2: it unscales the sharded gradients, and the DTensor op that
-        # checks them for inf/nan agrees over all ranks, so every rank skips the same steps.
+        # half-precision weights gathered (half fp32's traffic), fp32 gradients reduced and masters stepped, as in
+        # torchtitan (docs/precision.md: the residual stream is then bf16 too, and the GradScaler needs no change)
         mp = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else getattr(torch, dtype),
                                   reduce_dtype=torch.float32)
         for block in raw_model.transformer.h:
@@ -598,9 +578,8 @@ def accumulate_gradients(model, batches, autocast, parallel=None, *, scaler=None
 
 
 def optimizer_step(optimizer, params, max_norm, scaler=None):
-    """Clip and step; returns the gradient norm before clipping, a tensor (read with the loss: one host sync).
-    With a GradScaler the gradients are unscaled first, so the clip and the norm see the true ones, and the step is
-    skipped when any is inf/nan; the norm is then inf/nan too, which is how the loop tells a skipped step."""
+    """Clip and step; returns the gradient norm before clipping, a tensor (read with the loss: one host sync). A
+    GradScaler unscales first and skips a step with an inf/nan gradient, whose norm is then inf/nan too."""
     if scaler is None:
         norm = clip_grad_norm(params, max_norm)
         optimizer.step()
@@ -622,14 +601,13 @@ def clip_grad_norm(params, max_norm):
 
 
 def step_skipped(loss, norm, scaler, step, log_dir):
-    """Whether GradScaler skipped this step; a UsageError if the run diverged. GradScaler skips a step exactly when
-    an unscaled gradient is inf/nan, and then the norm of them all is too: the norm, read in the step's one sync,
-    says so, where reading the scale back would be a second sync. An fp16 overflow is routine (the scale starts
-    high and halves until the gradients fit); a non-finite loss is divergence, scaler or not."""
+    """Whether GradScaler skipped this step (its norm is inf/nan: an fp16 overflow, routine), or a UsageError if
+    the run diverged (a non-finite loss, scaler or not)."""
     skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
     if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
         raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
-                         f"lower --max_lr or check the data. The last good checkpoint is intact: {find_checkpoint(log_dir)}")
+                         f"lower --max_lr or check the data. The last good checkpoint is intact: "
+                         f"{find_checkpoint(log_dir)}")
     return skipped
 
 
@@ -638,9 +616,8 @@ def step_skipped(loss, norm, scaler, step, log_dir):
 
 
 def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=False):
-    # The step's module and graph, autograd on and never backpropagated: GPT-2 here has no dropout, so train
-    # mode computes the same loss, and eval mode or no_grad would compile a second graph (33 s for 124M on an
-    # H200). Through DDP (under no_sync) so that dynamo's DDPOptimizer splits the graph whatever compiles first.
+    # The step's module and graph, autograd on: without dropout, train mode gives the same loss, and no_grad would
+    # compile a second graph (33 s for 124M on an H200). Through DDP (no_sync): dynamo then splits it at the buckets.
     n_seqs = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch)
     mine = list(range(rank, n_seqs, world))
     total = torch.zeros(2, device=device)  # sum of per-token losses, number of tokens
@@ -649,8 +626,7 @@ def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=
         for i in range(0, math.ceil(n_seqs / world), cfg.batch_size):
             x, y = loader.batch(mine[i:i + cfg.batch_size])
             n_tokens = y.numel()
-            # a short last batch is padded to the compiled shape (a new shape would compile again); its -1
-            # targets are ignored by the loss
+            # a short last batch is padded to the compiled shape; its -1 targets are ignored by the loss
             pad = (0, 0, 0, cfg.batch_size - len(x))
             loss = batch_loss(model, F.pad(x, pad).to(device), F.pad(y, pad, value=-1).to(device), autocast)
             if n_tokens:  # an empty batch's loss is nan (a mean over no tokens)
@@ -700,8 +676,7 @@ def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, dist
 def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scaler=None):
     """Called on every rank (under FSDP the gathers are collectives); rank 0 writes."""
     if isinstance(raw_model, FSDPModule):
-        # the whole state, gathered a tensor at a time onto rank 0's CPU (other ranks get {}); the optimizer's
-        # keyed by parameter name. The same checkpoint whatever the sharding or the world size.
+        # the whole state, gathered a tensor at a time onto rank 0's CPU: one file for any sharding or world size
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state, optimizer_state = get_state_dict(raw_model, optimizer, options=full)
     else:
@@ -714,11 +689,9 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
         "step": step,  # steps done; the next step to run
         "args": asdict(cfg),
         "data": data_identity(cfg.data),  # what --data held, so a resume can tell the same data under another name
-        # the loader is a pure function of (step, seed, shuffle): these make its position explicit
-        "loader": {"next_step": step, "seed": cfg.seed, "shuffle": cfg.shuffle},
+        "loader": {"next_step": step, "seed": cfg.seed, "shuffle": cfg.shuffle},  # a pure function of these
         "rng": {"cpu": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
-        # fp16: the loss scale and its count of clean steps, or a resumed run scales (and skips) differently
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
     }
     if master:
@@ -730,9 +703,8 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
 
 
 def by_name(optimizer_state, raw_model, optimizer):
-    """A torch.optim state dict keyed by parameter name, as DCP's loader wants it. Its keys may be indices
-    (torch.optim's own: checkpoints written without FSDP, and older FSDP ones) or names; matched by order, as
-    load_state_dict matches them."""
+    """The optimizer state keyed by parameter name, as DCP's loader wants it, from index keys (torch.optim's own, and
+    older FSDP checkpoints') or names: matched by order, as load_state_dict matches them."""
     names = {p: n for n, p in raw_model.named_parameters()}
     name = dict(zip([k for group in optimizer_state["param_groups"] for k in group["params"]],
                     [names[p] for group in optimizer.param_groups for p in group["params"]]))
@@ -747,8 +719,7 @@ def find_checkpoint(log_dir):
 
 
 def load_checkpoint(path):
-    # memory-mapped on the CPU: the ranks of a machine share one copy of the file in the page cache, and no GPU
-    # holds the optimizer state twice while it is loaded
+    # memory-mapped: a machine's ranks share one copy in the page cache, and no GPU holds the state twice
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
@@ -790,8 +761,6 @@ def find_run(cfg):
 
 # a resumed run follows the command line for these; the data order depends on the ones it refuses to change
 FOLLOWED = ("max_lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "muon_lr", "muon_momentum")
-
-
 DATA_ORDER = ("seed", "shuffle", "seq_len", "total_batch_size")
 
 
@@ -814,7 +783,8 @@ def load_run(ckpt_path, cfg, model_cfg, given, master):
     if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
         flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
         raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
-    followed = [f"--{k} {getattr(cfg, k)} (was {args[k]})" for k in FOLLOWED if args.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+    followed = [f"--{k} {getattr(cfg, k)} (was {args[k]})" for k in FOLLOWED
+                if args.get(k, getattr(cfg, k)) != getattr(cfg, k)]
     if followed and master:
         print(f"--resume follows the command line: {', '.join(followed)}", flush=True)
     return ckpt
@@ -851,8 +821,8 @@ def build_model(cfg, model_cfg, given, ckpt):
 def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
     """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
     state = ckpt["optimizer"]
-    # every rank read the whole state: under FSDP each keeps its shards. DCP first gives a stateless optimizer
-    # zero moments at step 1, so a checkpoint with no state (fp16: every step so far skipped) loads as is
+    # under FSDP each rank keeps its shards; DCP would give a state-less checkpoint (fp16, every step skipped so
+    # far) zero moments at step 1, so that one loads as is
     if isinstance(raw_model, FSDPModule) and state["state"]:
         set_optimizer_state_dict(raw_model, optimizer, by_name(state, raw_model, optimizer),
                                  options=StateDictOptions(full_state_dict=True))
@@ -871,8 +841,6 @@ def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
 
 
 def train(cfg, model_cfg, sample_cfg, given=()):
-    # No SIGTERM handler: torchrun stops the ranks of a failed group with SIGTERM, whose default action ends a rank
-    # at once, even inside a collective; a Python handler would run only after that collective gave up
     distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp, cfg.dist_timeout)
     try:
         _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
@@ -883,8 +851,7 @@ def train(cfg, model_cfg, sample_cfg, given=()):
         # log lines are written whole and checkpoints by rename, so nothing on disk is half-written
         raise UsageError(out_of_memory_advice(str(e), cfg)) from None
     except RuntimeError as e:
-        # a rank died or stopped answering (NCCL raises a DistError, gloo a RuntimeError naming its source file):
-        # one line and exit 1, on which torchrun --max-restarts restarts the group
+        # a rank died or hung (NCCL: a DistError; gloo: a RuntimeError naming its source): torchrun may restart
         if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
             raise
         raise UsageError(f"rank {rank}: another rank died or did not answer within --dist_timeout {cfg.dist_timeout} "
