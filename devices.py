@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from train_gpt2 import UsageError
+from errors import UsageError
 
 
 def best_device():

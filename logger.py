@@ -1,7 +1,7 @@
 """The run's record: log.txt (what play.ipynb plots and --resume trims), stdout, and W&B with --wandb."""
 import os
 
-from train_gpt2 import UsageError
+from errors import UsageError
 
 
 class Logger:

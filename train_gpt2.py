@@ -39,9 +39,13 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_device, resolve_precision
+from errors import UsageError
+from logger import Logger
+from ranks import attempt_store, on_every_rank, on_rank_0
+from run_checks import check_config, check_resume, check_same_data, check_shape, data_identity
 
-class UsageError(Exception):
-    """Bad input from the user: every script prints it as one line and exits non-zero."""
+
 
 
 # -----------------------------------------------------------------------------
@@ -405,17 +409,6 @@ def find_data(path):
     return train, val
 
 
-def data_identity(path):
-    """What --data holds, whatever its spelling (./input.txt, a moved checkout): its files' names and sizes."""
-    files = [path] if path.endswith(".txt") else sorted(glob.glob(os.path.join(path, "*_*.npy")))
-    return [(os.path.basename(f), os.path.getsize(f)) for f in files]
-
-
-def check_same_data(path, rank_0_data):
-    if data_identity(path) != rank_0_data:
-        raise UsageError(f"--data {path} holds other files here than on rank 0: give every node the same shards")
-
-
 # -----------------------------------------------------------------------------
 # optimizer and learning rate schedule
 
@@ -453,7 +446,6 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 def setup_distributed(device_arg, fsdp=False, timeout_s=600):
     """(distributed, rank, world size, device). Under torchrun, and for --fsdp, also the process group, whose
     waits on other ranks give up after timeout_s (--dist_timeout) with an error instead of hanging."""
-    from devices import resolve_device
     torchrun = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = resolve_device(device_arg, local_rank)
@@ -472,52 +464,10 @@ def setup_distributed(device_arg, fsdp=False, timeout_s=600):
     return torchrun or fsdp, rank, world, device
 
 
-def attempt_store(timeout):
-    """torchrun's TCPStore under a prefix naming this attempt: torchrun 2.5+ keeps one store across restarts, and a
-    restarted rank would read the dead attempt's peer addresses (pytorch#135712). Each node counts its own restarts."""
-    if int(os.environ["GROUP_WORLD_SIZE"]) > 1 and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) > 0:
-        raise UsageError("torchrun --max-restarts over several nodes shares one TCPStore between attempts, which "
-                         "a restarted group misreads: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    store.set_timeout(timeout)
-    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
-
-
 def all_reduce(t, distributed):
     if distributed:
         dist.all_reduce(t)  # SUM: gloo has no AVG
     return t
-
-
-def on_every_rank(fn, distributed):
-    """fn() on every rank; if any rank raised a UsageError, every rank raises the first one: a branch that changes
-    which collectives run (data found, HellaSwag loaded or skipped) is then taken by all ranks or by none."""
-    try:
-        result, error = fn(), None
-    except UsageError as e:
-        result, error = None, str(e)
-    if distributed and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
-    if error:
-        raise UsageError(error)
-    return result
-
-
-def on_rank_0(fn, distributed):
-    """fn() on rank 0, its result (or UsageError) broadcast: what rank 0 sees on its disk is what every rank does."""
-    box = [None, None]
-    if not distributed or dist.get_rank() == 0:
-        try:
-            box[0] = fn()
-        except UsageError as e:
-            box[1] = str(e)
-    if distributed:
-        dist.broadcast_object_list(box, src=0)
-    if box[1]:
-        raise UsageError(box[1])
-    return box[0]
 
 
 def apply_recompute(model):
@@ -759,47 +709,6 @@ def find_run(cfg):
     return ckpt_path
 
 
-# a resumed run follows the command line for these; the data order depends on the ones it refuses to change
-FOLLOWED = ("max_lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "muon_lr", "muon_momentum")
-DATA_ORDER = ("seed", "shuffle", "seq_len", "total_batch_size")
-
-
-def load_run(ckpt_path, cfg, model_cfg, given, master):
-    """The checkpoint to resume, checked against the flags: a change that would alter the data order is refused."""
-    ckpt = load_checkpoint(ckpt_path)
-    check_shape(GPTConfig(**ckpt["config"]), model_cfg, given, ckpt_path)
-    args = ckpt["args"]
-    changed = [f"--{k} {args[k]}" for k in DATA_ORDER if args[k] != getattr(cfg, k)]
-    # older checkpoints name their data only by the --data string
-    same_data = (ckpt["data"] == data_identity(cfg.data) if "data" in ckpt
-                 else os.path.realpath(args["data"]) == os.path.realpath(cfg.data))
-    if not same_data:
-        changed.append(f"--data {args['data']} (other files than --data {cfg.data} holds now)")
-    if changed:
-        raise UsageError(f"{ckpt_path} was trained with " + ", ".join(changed)
-                         + "; resume with the same values (or start a new --log_dir)")
-    # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
-    opt, split = args.get("optimizer", "adamw"), args.get("muon_split_qkv", True)
-    if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
-        flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
-        raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
-    followed = [f"--{k} {getattr(cfg, k)} (was {args[k]})" for k in FOLLOWED
-                if args.get(k, getattr(cfg, k)) != getattr(cfg, k)]
-    if followed and master:
-        print(f"--resume follows the command line: {', '.join(followed)}", flush=True)
-    return ckpt
-
-
-def check_shape(model_config, model_cfg, given, source):
-    """A model from elsewhere (a checkpoint to resume, --init_from) keeps its own shape: only a shape flag set on
-    the command line (or by the preset) that disagrees with it is an error."""
-    clash = [f"--{k} {getattr(model_cfg, k)} but it has {v}" for k, v in asdict(model_config).items()
-             if k in given and getattr(model_cfg, k) != v]
-    if clash:
-        raise UsageError(f"{source} is a model of another shape: " + ", ".join(clash)
-                         + "; drop those flags (the model's shape is used) or pass another --log_dir / --init_from")
-
-
 def build_model(cfg, model_cfg, given, ckpt):
     """The unsharded model on the CPU: the checkpoint's weights, --init_from's (weights only: a new run, with a
     fresh optimizer and schedule; --resume continues a run), or a seeded init."""
@@ -810,7 +719,7 @@ def build_model(cfg, model_cfg, given, ckpt):
         model = load_model(cfg.init_from)
         if model.config.vocab_size < model_cfg.vocab_size:  # OpenAI's 50257 tokens, padded as for a fresh model
             model = pad_vocab(model, model_cfg.vocab_size)
-        check_shape(model.config, model_cfg, given, cfg.init_from)
+        check_shape(asdict(model.config), model_cfg, given, cfg.init_from)
     else:
         model = GPT(model_cfg)
     if cfg.seq_len > model.config.block_size:
@@ -872,9 +781,7 @@ def grad_accum_steps(cfg, world):
 
 
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
-    from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_precision
-    from logger import Logger
-    from memory_plan import check_memory, gib
+    from memory_plan import check_memory, gib  # here: memory_plan imports this file for GPT
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     use_compile, compile_note = resolve_compile(cfg.compile, device)  # first: --compile where it cannot run is an error
@@ -896,7 +803,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     rank_0_data = on_rank_0(lambda: data_identity(cfg.data), distributed)
     on_every_rank(lambda: check_same_data(cfg.data, rank_0_data), distributed)
     ckpt_path = on_rank_0(lambda: find_run(cfg), distributed)
-    ckpt = on_every_rank(lambda: load_run(ckpt_path, cfg, model_cfg, given, master), distributed) if ckpt_path else None
+    ckpt = on_every_rank(lambda: check_resume(load_checkpoint(ckpt_path), ckpt_path, cfg, model_cfg, given, master),
+                         distributed) if ckpt_path else None
     raw_model = on_every_rank(lambda: build_model(cfg, model_cfg, given, ckpt), distributed)
     planned = on_every_rank(lambda: check_memory(raw_model.config, cfg, world, precision.dtype, parallel, accum,
                                                  device, master), distributed)
@@ -1100,46 +1008,6 @@ PRESETS = {
 }
 
 
-def check_config(model_cfg, cfg, sample_cfg):
-    """Every flag's value, checked before a model is built or a file written: a bad one is one UsageError."""
-    def need(ok, name, takes):
-        if not ok:
-            raise UsageError(f"--{name} {getattr(values, name)}: it takes {takes}")
-    values = argparse.Namespace(**asdict(model_cfg), **asdict(cfg), **asdict(sample_cfg))
-    for f in fields(GPTConfig) + fields(TrainConfig) + fields(SampleConfig):
-        value = getattr(values, f.name)
-        need(f.type is not float or value is None or math.isfinite(value), f.name, "a finite number")
-    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "seq_len",
-                 "total_batch_size", "max_steps", "eval_interval", "val_tokens", "sample_interval",
-                 "checkpoint_interval", "dist_timeout", "num_samples", "max_new_tokens", "top_k"):
-        need(getattr(values, name) >= 1, name, "an integer >= 1")
-    need(model_cfg.vocab_size >= GPT2_VOCAB, "vocab_size", f"an integer >= {GPT2_VOCAB}, the GPT-2 tokenizer's size")
-    need(model_cfg.n_embd % model_cfg.n_head == 0, "n_embd", f"a multiple of --n_head {model_cfg.n_head}")
-    need(cfg.max_lr > 0, "max_lr", "a learning rate > 0, e.g. 6e-4")
-    need(cfg.optimizer in ("adamw", "muon"), "optimizer", "adamw or muon")
-    need(cfg.muon_lr is None or cfg.muon_lr > 0, "muon_lr", "a learning rate > 0, e.g. 6e-4")
-    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "a number in [0, 1), e.g. 0.95")
-    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr", f"a learning rate from 0 to --max_lr {cfg.max_lr}")
-    need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
-    need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
-    need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
-    need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
-    need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
-    need(not os.path.isfile(cfg.log_dir), "log_dir", "a folder, and that is a file: pass another --log_dir")
-    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
-    need(cfg.wandb is None or cfg.wandb.strip() != "", "wandb", "a W&B project name")
-    if cfg.wandb is not None:
-        try:
-            import wandb  # noqa: F401  only for --wandb: a run without it never needs the package
-        except ImportError:
-            raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
-                             "(or drop --wandb)") from None
-    if cfg.fsdp and cfg.optimizer == "muon":
-        # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
-        raise UsageError("--optimizer muon does not run with --fsdp (each rank holds only slices of the matrices "
-                         "Muon orthogonalises): use --optimizer adamw with --fsdp, or Muon without --fsdp")
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
@@ -1160,13 +1028,12 @@ def parse_args(argv=None):
 def main(argv=None):
     model_cfg, cfg, sample_cfg, given = parse_args(argv)
     try:
-        check_config(model_cfg, cfg, sample_cfg)
+        check_config(model_cfg, cfg, sample_cfg, GPT2_VOCAB)
         if not sample_cfg.sample and sample_cfg.export is None:
             return train(cfg, model_cfg, sample_cfg, given)
         source = cfg.init_from or find_checkpoint(cfg.log_dir)
         if source is None:
             raise UsageError("nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")
-        from devices import resolve_device, resolve_precision
         device = resolve_device(cfg.device)
         model = load_model(source, device)
         if sample_cfg.export:  # the weights as trained (float32), whatever --dtype sampling uses
@@ -1184,7 +1051,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # hellaswag.py imports this file as `train_gpt2`: make that the module running now, so both see one
-    # UsageError class (and one copy of everything else)
+    # hellaswag.py and memory_plan.py import this file as `train_gpt2`: the module running now, not a second copy
     sys.modules["train_gpt2"] = sys.modules["__main__"]
     main()
