@@ -100,3 +100,20 @@ def check_resume(ckpt, ckpt_path, cfg, model_cfg, given, master):
     if followed and master:
         print(f"--resume follows the command line: {', '.join(followed)}", flush=True)
     return ckpt
+
+
+def find_checkpoint(log_dir):
+    ckpts = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
+    return ckpts[-1] if ckpts else None
+
+
+def find_run(cfg):
+    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides."""
+    ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
+    if cfg.resume and ckpt_path is None:
+        # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
+        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
+    if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
+        raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
+                         "or a new --log_dir (or delete the folder) to start afresh")
+    return ckpt_path

@@ -43,7 +43,8 @@ from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_devi
 from errors import UsageError
 from logger import Logger
 from ranks import attempt_store, on_every_rank, on_rank_0
-from run_checks import check_config, check_resume, check_same_data, check_shape, data_identity
+from run_checks import (check_config, check_resume, check_same_data, check_shape, data_identity, find_checkpoint,
+                        find_run)
 
 
 
@@ -60,8 +61,7 @@ BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
-    # Built from the shipped BPE ranks, not tiktoken.get_encoding("gpt2"), which downloads them:
-    # the same ids with or without network, on every machine and in every script.
+    # from the shipped BPE ranks, not tiktoken.get_encoding("gpt2"), which downloads them: the same ids offline
     ranks = tiktoken.load.load_tiktoken_bpe(str(BPE_FILE), expected_hash=BPE_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_VOCAB)
@@ -96,8 +96,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         causal = True
         if kv_cache is not None:
-            # kv_cache is this layer's [k, v] from earlier positions (or [None, None]): generation
-            # then feeds one new token at a time, which may attend to every cached position.
+            # this layer's [k, v] of earlier positions: after the prompt, one token at a time sees them all
             if kv_cache[0] is not None:
                 assert T == 1, "after the prompt, the KV cache takes one token at a time"
                 k = torch.cat([kv_cache[0], k], dim=2)
@@ -663,11 +662,6 @@ def by_name(optimizer_state, raw_model, optimizer):
                              for group in optimizer_state["param_groups"]]}
 
 
-def find_checkpoint(log_dir):
-    ckpts = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
-    return ckpts[-1] if ckpts else None
-
-
 def load_checkpoint(path):
     # memory-mapped: a machine's ranks share one copy in the page cache, and no GPU holds the state twice
     try:
@@ -697,18 +691,6 @@ def load_model(name_or_path, device="cpu"):
     return model.to(device)
 
 
-def find_run(cfg):
-    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides."""
-    ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
-    if cfg.resume and ckpt_path is None:
-        # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
-        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
-    if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
-        raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
-                         "or a new --log_dir (or delete the folder) to start afresh")
-    return ckpt_path
-
-
 def build_model(cfg, model_cfg, given, ckpt):
     """The unsharded model on the CPU: the checkpoint's weights, --init_from's (weights only: a new run, with a
     fresh optimizer and schedule; --resume continues a run), or a seeded init."""
@@ -730,8 +712,8 @@ def build_model(cfg, model_cfg, given, ckpt):
 def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
     """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
     state = ckpt["optimizer"]
-    # under FSDP each rank keeps its shards; DCP would give a state-less checkpoint (fp16, every step skipped so
-    # far) zero moments at step 1, so that one loads as is
+    # under FSDP each rank keeps its shards; a state-less checkpoint (fp16, no step taken yet) loads as is, as DCP
+    # would give it zero moments at step 1
     if isinstance(raw_model, FSDPModule) and state["state"]:
         set_optimizer_state_dict(raw_model, optimizer, by_name(state, raw_model, optimizer),
                                  options=StateDictOptions(full_state_dict=True))
@@ -787,8 +769,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     use_compile, compile_note = resolve_compile(cfg.compile, device)  # first: --compile where it cannot run is an error
     precision = resolve_precision(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
-    # DDP only where there is another rank to average with: on one GPU under torchrun it would copy every
-    # gradient into its buckets for nothing. FSDP shards over any number of ranks, one included.
+    # DDP only where there is another rank to average with; FSDP shards over any number of ranks, one included
     parallel = "fsdp" if cfg.fsdp else "ddp" if world > 1 else None
     B, T = cfg.batch_size, cfg.seq_len
     accum = grad_accum_steps(cfg, world)
@@ -839,8 +820,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
               f"{cfg.total_batch_size:,} tokens/step | {train_loader.seqs_per_epoch * T:,} train tokens"
               + (f" | resuming at step {start_step}" if start_step else ""))
 
-    # the next step's batches are cut from the shards (numpy: 30-60 ms for 524,288 tokens on a 2-core CPU) in a
-    # background thread while the GPU runs this step; they are the same pure function of the step as without it
+    # the next step's batches are cut from the shards in a thread while the GPU runs this step (30-60 ms of numpy)
     prefetcher = ThreadPoolExecutor(max_workers=1)
     load_step = functools.partial(train_loader.step_batches, accum=accum, rank=rank, world=world, B=B,
                                   pin_memory=device.type == "cuda")
@@ -873,8 +853,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = lr * (peak_lr / cfg.max_lr)  # one warmup + cosine shape; Muon's group has its own peak
         norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, scaler)
-        # the step's one wait for the GPU: the log line and the non-finite check need these two numbers. A
-        # non-finite step has already changed the weights in memory, but no checkpoint is written after it.
+        # the step's one wait for the GPU; a non-finite step stops the run before any checkpoint is written
         loss, norm = torch.stack([loss, norm]).tolist()
         dt = time.time() - t0
         skipped = step_skipped(loss, norm, scaler, step, cfg.log_dir)
@@ -927,11 +906,8 @@ class TrainConfig:
     hellaswag_data: str = None  # hellaswag_val.jsonl or its folder; default: hellaswag.py's download cache
     sample_interval: int = 250
     checkpoint_interval: int = 5000
-    # seconds a rank waits on the others (a collective, the process group's setup) before it exits non-zero, so that
-    # torchrun --max-restarts can restart a group with a dead or hung rank; torch's default is 30 min (gloo) or 10
-    # (NCCL). The longest legitimate wait is the other ranks at the next collective while rank 0 writes a
-    # checkpoint: 18.7 GB at gpt2-xl, 3 min at 100 MB/s; raise it on a slower disk. (The first torch.compile runs on
-    # every rank at once: the others wait only for the slowest.)
+    # seconds a rank waits on the others before it exits, so torchrun can restart a hung group: rank 0 writing an
+    # XL checkpoint (18.7 GB) is the longest honest wait (docs/fault_tolerance.md)
     dist_timeout: int = 600
     resume: bool = False  # continue from the newest checkpoint in log_dir
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
@@ -940,17 +916,13 @@ class TrainConfig:
     init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
     compile: bool = None  # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    # auto: bfloat16 autocast on a GPU with bf16 tensor cores (Ampere+), float16 autocast + GradScaler on an older
-    # one, float32 elsewhere; or float32, bfloat16, float16 (with a GradScaler, on any device): resolve_precision
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto (bf16, or fp16 + GradScaler where no bf16, float32 on CPU), float32, bfloat16, float16
     seed: int = 1337
-    # Muon (Jordan 2024) for the blocks' matrices, AdamW for the rest: see configure_optimizer and the README
-    optimizer: str = "adamw"  # adamw (the recipe) or muon
-    muon_lr: float = None  # Muon's peak lr, on the same schedule; default max_lr (Liu et al. 2025: update RMS matched to AdamW's)
-    muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov), Keller Jordan's value
-    muon_split_qkv: bool = True  # orthogonalise c_attn's q, k, v apart: no worse than the fused matrix here (within noise), see README
-    # reporting: log.txt is the record; W&B mirrors it
-    wandb: str = None  # a Weights & Biases project to log the run to (rank 0; needs `pip install wandb`); default off
+    optimizer: str = "adamw"  # adamw (the recipe) or muon: Muon for the blocks' matrices (docs/muon_lab_log.md)
+    muon_lr: float = None  # Muon's peak lr on the same schedule; default max_lr (its update RMS matches AdamW's)
+    muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov)
+    muon_split_qkv: bool = True  # orthogonalise c_attn's q, k and v apart
+    wandb: str = None  # a W&B project to mirror log.txt to (rank 0; needs `pip install wandb`); default off
 
 
 @dataclass
@@ -964,11 +936,8 @@ class SampleConfig:
     export: str = None  # write --init_from (or the newest checkpoint) as a transformers folder and exit
 
 
-# The GPT-2 family (Radford et al. 2019, table 2) with the recipes of the runs that reproduced it: llm.c's run
-# scripts (scripts/run_gpt2_{350M,774M,1558M}.sh) and the GPT-3 paper's table 2.1 (Brown et al. 2020) for the
-# GPT-3 models of the same size. Each wants more tokens than sample-10BT holds, so they read FineWeb-Edu
-# sample-100BT: `python fineweb.py --name sample-100BT --output_dir edu_fineweb100B`. batch_size is the micro-batch
-# that fits an 80 GB GPU under DDP (README: the family's table); accumulation fills total_batch_size either way.
+# The GPT-2 family with llm.c's recipes and GPT-3's table 2.1 (docs/family.md): FineWeb-Edu sample-100BT, and
+# the micro-batch that fits an 80 GB GPU under DDP
 FAMILY_DATA = "edu_fineweb100B"
 
 
@@ -976,24 +945,17 @@ SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.tx
 
 
 PRESETS = {
-    # 124M: the defaults of GPTConfig and TrainConfig are its recipe (GPT-3 Small's lr and batch, 10B tokens)
-    "gpt2": {},
-    # 350M: llm.c's run, lr 3e-4 (= GPT-3 Medium's), 60,000 steps of 524,288 tokens (31.5B), 700 warmup steps,
-    # cosine to 0 (llm.c -q 0.0)
+    "gpt2": {},  # 124M: the defaults are its recipe (GPT-3 Small's lr and batch, 10B tokens)
+    # 350M: llm.c's run, 31.5B tokens, cosine to 0
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr=0.0, warmup_steps=700,
                         max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium"),
-    # 774M: lr 2.5e-4 (GPT-3 Large's, and llm.c's), 524,288 tokens/step, 700 warmup steps, cosine to 0. llm.c ran
-    # 286,102 steps (150B tokens: more than sample-100BT holds, 5.6 days on 8xA100); we take XL's 32B tokens so the
-    # family compares at equal data (--max_steps 286102 for llm.c's run)
+    # 774M: llm.c's lr, and XL's 32B tokens (llm.c ran 150B, more than sample-100BT holds)
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, min_lr=0.0, warmup_steps=700,
                        max_steps=61035, batch_size=16, data=FAMILY_DATA, log_dir="log_gpt2-large"),
-    # 1558M: llm.c's 24-hour run on one 8xH100 node: lr 6e-4 (3x GPT-3 XL's 2e-4: llm.c's choice, which trained
-    # fine), 32,000 steps of 1,048,576 tokens (33.6B; GPT-3 XL's batch is 1M too), 700 warmup steps, cosine to 0.1x
+    # 1558M: llm.c's 24-hour run on one 8xH100 node, 33.6B tokens
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
                     total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
-    # OpenAI's 124M fine-tuned on the shipped Tiny Shakespeare, after nanoGPT's config/finetune_shakespeare.py:
-    # a constant lr of 3e-5 (max_lr = min_lr, no warmup), 20 steps of 32,768 tokens, val and samples every 5.
-    # Offline, pass a transformers folder: --init_from FOLDER
+    # OpenAI's 124M fine-tuned on Tiny Shakespeare as nanoGPT's finetune_shakespeare.py: a constant lr of 3e-5
     "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE,
                                  log_dir="log_shakespeare_finetune", batch_size=8, total_batch_size=32768, max_lr=3e-5,
                                  min_lr=3e-5, warmup_steps=0, max_steps=20, eval_interval=5, val_tokens=32768,
