@@ -43,8 +43,8 @@ from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_devi
 from errors import UsageError
 from logger import Logger
 from ranks import attempt_store, on_every_rank, on_rank_0
-from run_checks import (check_config, check_resume, check_same_data, check_shape, data_identity, find_checkpoint,
-                        find_run)
+from run_checks import (check_config, check_resume, check_same_data, check_shape, data_identity,
+                        find_checkpoint, find_run)
 
 
 
@@ -61,7 +61,7 @@ BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
-    # from the shipped BPE ranks, not tiktoken.get_encoding("gpt2"), which downloads them: the same ids offline
+    # from the shipped BPE ranks, not tiktoken.get_encoding("gpt2"), which downloads them
     ranks = tiktoken.load.load_tiktoken_bpe(str(BPE_FILE), expected_hash=BPE_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_VOCAB)
@@ -93,7 +93,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         causal = True
         if kv_cache is not None:
             # this layer's [k, v] of earlier positions: after the prompt, one token at a time sees them all
@@ -172,7 +173,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0][0] is None else kv_cache[0][0].size(2)
         if past + T > self.config.block_size:
-            raise UsageError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+            raise UsageError(f"sequence of {past + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
@@ -180,7 +182,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
         return logits, loss
 
     @classmethod
@@ -200,9 +203,9 @@ class GPT(nn.Module):
         try:  # huggingface_hub's own offline (HF_HUB_OFFLINE=1) and proxy (HTTPS_PROXY) handling
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except OSError as e:
-            raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); offline? pass a "
-                             "local folder saved by transformers' save_pretrained, and set HF_HUB_OFFLINE=1 "
-                             "to fail at once") from None
+            raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); offline? "
+                             "pass a local folder saved by transformers' save_pretrained, and set "
+                             "HF_HUB_OFFLINE=1 to fail at once") from None
         c = hf.config
         if c.activation_function != "gelu_new":
             raise UsageError(f"'{name_or_path}' uses activation {c.activation_function}; GPT-2 uses gelu_new")
@@ -227,8 +230,8 @@ def hf_to_ours(sd):
 
 
 def pad_vocab(model, vocab_size):
-    """The model with its tied embedding grown to vocab_size rows, each new one the mean of the real rows: the real
-    logits are unchanged, and the loss grows by at most log(1 + new / real rows) (tests/test_finetune.py)."""
+    """The model with its tied embedding grown to vocab_size rows, each new one the mean of the real rows: the
+    real logits are unchanged; the loss grows by at most log(1 + new / real rows) (tests/test_finetune.py)"""
     sd = model.state_dict()
     wte = sd["transformer.wte.weight"]
     sd["transformer.wte.weight"] = sd["lm_head.weight"] = torch.cat(
@@ -239,7 +242,7 @@ def pad_vocab(model, vocab_size):
 
 
 def flops_per_token(model, T):
-    # PaLM (Chowdhery et al. 2022, app. B): 6N, N without the position table (a lookup), + 12*L*H*Q*T for attention
+    # PaLM (Chowdhery et al. 2022, app. B): 6N (N without the position table) + 12*L*H*Q*T for attention
     c = model.config
     N = model.num_params() - model.transformer.wpe.weight.numel()
     return 6 * N + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
@@ -269,7 +272,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
-            # a softmax over the top k logits only: the same distribution as the whole vocab's cut to its top k
+            # a softmax over the top k logits only: the whole vocab's distribution cut to its top k
             topk_logits, topk_ids = torch.topk(logits, min(top_k or GPT2_VOCAB, GPT2_VOCAB), dim=-1)
             choice = torch.multinomial(F.softmax(topk_logits / temperature, dim=-1), 1, generator=generator)
             next_id = torch.gather(topk_ids, -1, choice)
@@ -284,7 +287,8 @@ def sample_text(model, cfg, seed=42, device="cpu"):
     tokens = enc.encode(cfg.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     idx = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(cfg.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
+    out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                   generator=gen)
     return [enc.decode(row) for row in out.tolist()]
 
 
@@ -299,8 +303,8 @@ def open_shard(path):
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read shard {path} ({e}); regenerate it with fineweb.py") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UsageError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16 token ids; "
-                         "regenerate it with fineweb.py")
+        raise UsageError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16 token "
+                         "ids; regenerate it with fineweb.py")
     return tokens
 
 
@@ -314,9 +318,9 @@ def load_tokens(path, vocab_size):
 
 class DataLoader:
     """
-    Sequences of T tokens (plus one target) cut from a list of shards, one epoch after another. Sequence q is a
-    pure function of (q, seed): each epoch visits the shards, and each shard's documents, in a seeded order. A
-    step's global batch is the same sequences for any split of accum * world, so resuming needs only the step.
+    Sequences of T tokens (plus one target) cut from a list of shards, one epoch after another. Sequence q is
+    a pure function of (q, seed): each epoch visits the shards, and each shard's documents, in a seeded order.
+    A step's global batch is the same sequences for any split of accum * world: resuming needs only the step.
     """
 
     def __init__(self, shards, T, vocab_size, seed=1337, shuffle=True):
@@ -369,7 +373,7 @@ class DataLoader:
 
     def step_batches(self, step, accum, rank, world, B, pin_memory=False):
         """This rank's accum micro-batches of one optimizer step: inputs and targets, each (accum, B, T)."""
-        # pinned on CUDA: the one host-to-device copy per step overlaps the GPU's work only from page-locked memory
+        # pinned on CUDA: only a copy from page-locked memory overlaps the GPU's work
         x, y = (torch.empty((accum, B, self.T), dtype=torch.long, pin_memory=pin_memory) for _ in range(2))
         xs, ys = x.numpy(), y.numpy()
         for micro in range(accum):
@@ -385,7 +389,8 @@ def find_data(path):
     if path.endswith(".txt"):
         if not os.path.isfile(path):
             raise UsageError(f"text file {path} does not exist; try --data input.txt")
-        tokens = np.array(get_tokenizer().encode_ordinary(open(path, encoding="utf-8").read()), dtype=np.uint16)
+        text = open(path, encoding="utf-8").read()
+        tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
         if len(tokens) < 20:
             raise UsageError(f"{path} holds only {len(tokens)} tokens; give it more text")
         split = int(0.9 * len(tokens))  # the last 10% is held out for validation
@@ -402,8 +407,8 @@ def find_data(path):
     val = sorted(glob.glob(os.path.join(path, "*_val_*.npy")))
     if not train or not val:
         missing = "train" if not train else "val"
-        raise UsageError(f"no {missing} shards (*_{missing}_*.npy) in '{path}': make them with `python fineweb.py` "
-                         f"(or --input FILES for local text), pass --data FOLDER_OR_TXT, "
+        raise UsageError(f"no {missing} shards (*_{missing}_*.npy) in '{path}': make them with `python "
+                         "fineweb.py` (or --input FILES for local text), pass --data FOLDER_OR_TXT, "
                          "or try `python train_gpt2.py --preset shakespeare`")
     return train, val
 
@@ -412,8 +417,8 @@ def find_data(path):
 # optimizer and learning rate schedule
 
 
-def configure_optimizer(model, weight_decay, lr, device_type, optimizer="adamw", muon_lr=None, muon_momentum=0.95,
-                        muon_split_qkv=True):
+def configure_optimizer(model, weight_decay, lr, device_type, optimizer="adamw", muon_lr=None,
+                        muon_momentum=0.95, muon_split_qkv=True):
     # decay the 2-D tensors (matmul weights, embeddings); biases and LayerNorm gains stay undecayed
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "muon":  # Muon takes the blocks' matrices (Jordan 2024); AdamW all the rest
@@ -426,7 +431,8 @@ def configure_optimizer(model, weight_decay, lr, device_type, optimizer="adamw",
     if optimizer == "adamw":
         return adamw
     from muon import MuonAdamW
-    return MuonAdamW(model, adamw, lr if muon_lr is None else muon_lr, weight_decay, muon_momentum, muon_split_qkv)
+    return MuonAdamW(model, adamw, lr if muon_lr is None else muon_lr, weight_decay, muon_momentum,
+                     muon_split_qkv)
 
 
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
@@ -446,7 +452,8 @@ def setup_distributed(device_arg, fsdp=False, timeout_s=600):
     """(distributed, rank, world size, device). Under torchrun, and for --fsdp, also the process group, whose
     waits on other ranks give up after timeout_s (--dist_timeout) with an error instead of hanging."""
     torchrun = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (int(os.environ.get(k, d))
+                               for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = resolve_device(device_arg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -459,7 +466,8 @@ def setup_distributed(device_arg, fsdp=False, timeout_s=600):
         dist.init_process_group(backend=backend, timeout=timeout)
     elif fsdp:
         # FSDP2 shards over a process group even in one process: a group of one, no rendezvous needed
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     return torchrun or fsdp, rank, world, device
 
 
@@ -488,8 +496,8 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False)
         apply_recompute(raw_model)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # half-precision weights gathered (half fp32's traffic), fp32 gradients reduced and masters stepped, as in
-        # torchtitan (docs/precision.md: the residual stream is then bf16 too, and the GradScaler needs no change)
+        # half-precision weights gathered (half fp32's traffic), fp32 gradients reduced and masters stepped,
+        # as in torchtitan; docs/precision.md says what that changes
         mp = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else getattr(torch, dtype),
                                   reduce_dtype=torch.float32)
         for block in raw_model.transformer.h:
@@ -498,7 +506,8 @@ def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False)
             fully_shard(block, mp_policy=mp)
         fully_shard(raw_model, mp_policy=mp)  # the rest, one unit: wte (= the tied lm_head), wpe, ln_f
         return raw_model
-    compiled = torch.compile(raw_model, fullgraph=True) if use_compile else raw_model  # a graph break is an error
+    # a graph break is an error
+    compiled = torch.compile(raw_model, fullgraph=True) if use_compile else raw_model
     if parallel == "ddp":
         return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
     return compiled
@@ -527,31 +536,33 @@ def accumulate_gradients(model, batches, autocast, parallel=None, *, scaler=None
 
 
 def optimizer_step(optimizer, params, max_norm, scaler=None):
-    """Clip and step; returns the gradient norm before clipping, a tensor (read with the loss: one host sync). A
-    GradScaler unscales first and skips a step with an inf/nan gradient, whose norm is then inf/nan too."""
+    """Clip and step; returns the gradient norm before clipping, a tensor (read with the loss: one host sync).
+    A GradScaler unscales first and skips a step with an inf/nan gradient, whose norm is then inf/nan too."""
     if scaler is None:
         norm = clip_grad_norm(params, max_norm)
         optimizer.step()
         return norm
-    if hasattr(optimizer, "share_grads"):  # MuonAdamW: c_attn's gradient reaches unscale_ through q, k, v views
+    # MuonAdamW: c_attn's gradient reaches unscale_ through q, k, v views
+    if hasattr(optimizer, "share_grads"):
         optimizer.share_grads()
     scaler.unscale_(optimizer)
     norm = clip_grad_norm(params, max_norm)
-    # fused AdamW (CUDA) takes the inf flag into its kernel; others make GradScaler read it on the host (a sync)
+    # fused AdamW (CUDA) takes the inf flag into its kernel; others make GradScaler read it on the host
     scaler.step(optimizer)
     scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
     return norm
 
 
 def clip_grad_norm(params, max_norm):
-    """The total gradient norm before clipping, as a plain tensor (under FSDP clip_grad_norm_ returns a DTensor)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)  # 0: off (max_norm 0 would zero the grads)
+    """The gradient norm before clipping, a plain tensor (under FSDP clip_grad_norm_ gives a DTensor)."""
+    # 0: off (max_norm 0 would zero the grads)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def step_skipped(loss, norm, scaler, step, log_dir):
-    """Whether GradScaler skipped this step (its norm is inf/nan: an fp16 overflow, routine), or a UsageError if
-    the run diverged (a non-finite loss, scaler or not)."""
+    """Whether GradScaler skipped this step (its norm is inf/nan: an fp16 overflow, routine), or a UsageError
+    if the run diverged (a non-finite loss, scaler or not)."""
     skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
     if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
         raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
@@ -565,8 +576,8 @@ def step_skipped(loss, norm, scaler, step, log_dir):
 
 
 def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=False):
-    # The step's module and graph, autograd on: without dropout, train mode gives the same loss, and no_grad would
-    # compile a second graph (33 s for 124M on an H200). Through DDP (no_sync): dynamo then splits it at the buckets.
+    # The step's module and graph, autograd on: without dropout, train mode gives the same loss, and no_grad
+    # would compile a second graph (33 s for 124M on an H200). Through DDP (no_sync), so dynamo splits it.
     n_seqs = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch)
     mine = list(range(rank, n_seqs, world))
     total = torch.zeros(2, device=device)  # sum of per-token losses, number of tokens
@@ -592,7 +603,7 @@ def batch_loss(model, x, y, autocast):
 
 
 def load_hellaswag(cfg, block_size, master, distributed):
-    """The HellaSwag examples that fit block_size on every rank, or None on every rank if any rank lacks them."""
+    """The HellaSwag examples that fit block_size on every rank, or None on all if any rank lacks them."""
     if not cfg.hellaswag:
         return None
     import hellaswag
@@ -625,7 +636,7 @@ def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, dist
 def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scaler=None):
     """Called on every rank (under FSDP the gathers are collectives); rank 0 writes."""
     if isinstance(raw_model, FSDPModule):
-        # the whole state, gathered a tensor at a time onto rank 0's CPU: one file for any sharding or world size
+        # the whole state, gathered a tensor at a time onto rank 0's CPU: one file for any sharding
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state, optimizer_state = get_state_dict(raw_model, optimizer, options=full)
     else:
@@ -637,7 +648,8 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
         "optimizer": optimizer_state,
         "step": step,  # steps done; the next step to run
         "args": asdict(cfg),
-        "data": data_identity(cfg.data),  # what --data held, so a resume can tell the same data under another name
+        # what --data held, so a resume can tell the same data under another name
+        "data": data_identity(cfg.data),
         "loader": {"next_step": step, "seed": cfg.seed, "shuffle": cfg.shuffle},  # a pure function of these
         "rng": {"cpu": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
@@ -652,8 +664,8 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
 
 
 def by_name(optimizer_state, raw_model, optimizer):
-    """The optimizer state keyed by parameter name, as DCP's loader wants it, from index keys (torch.optim's own, and
-    older FSDP checkpoints') or names: matched by order, as load_state_dict matches them."""
+    """The optimizer state keyed by parameter name, as DCP's loader wants it, from index keys (torch.optim's
+    own, and older FSDP checkpoints') or names: matched by order, as load_state_dict matches them."""
     names = {p: n for n, p in raw_model.named_parameters()}
     name = dict(zip([k for group in optimizer_state["param_groups"] for k in group["params"]],
                     [names[p] for group in optimizer.param_groups for p in group["params"]]))
@@ -670,8 +682,9 @@ def load_checkpoint(path):
         raise UsageError(f"checkpoint '{path}' does not exist") from None
     except Exception as e:
         if isinstance(e, MemoryError) or "allocate memory" in str(e):  # the CPU allocator's words for it
-            raise UsageError(f"checkpoint '{path}' ({os.path.getsize(path) / 2**30:.1f} GiB) does not fit in this "
-                             "machine's free memory: free some, or load it where there is more") from None
+            size = os.path.getsize(path) / 2**30
+            raise UsageError(f"checkpoint '{path}' ({size:.1f} GiB) does not fit in this machine's free "
+                             "memory: free some, or load it where there is more") from None
         raise UsageError(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
                          f"({type(e).__name__}); delete it or pass another") from None
 
@@ -679,7 +692,8 @@ def load_checkpoint(path):
 def load_model(name_or_path, device="cpu"):
     """Our .pt checkpoint, an HF GPT-2 name (gpt2 ... gpt2-xl) or a folder saved by transformers."""
     if name_or_path.endswith(".pt") and not os.path.exists(name_or_path):
-        raise UsageError(f"checkpoint '{name_or_path}' does not exist; pass an existing .pt, a folder or a model name")
+        raise UsageError(f"checkpoint '{name_or_path}' does not exist; pass an existing .pt, a folder or a "
+                         "model name")
     if os.path.isfile(name_or_path):
         ckpt = load_checkpoint(name_or_path)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -692,34 +706,37 @@ def load_model(name_or_path, device="cpu"):
 
 
 def build_model(cfg, model_cfg, given, ckpt):
-    """The unsharded model on the CPU: the checkpoint's weights, --init_from's (weights only: a new run, with a
-    fresh optimizer and schedule; --resume continues a run), or a seeded init."""
+    """The unsharded model on the CPU: the checkpoint's weights, --init_from's (weights only: a new run, with
+    a fresh optimizer and schedule; --resume continues a run), or a seeded init."""
     if ckpt:
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     elif cfg.init_from:
         model = load_model(cfg.init_from)
-        if model.config.vocab_size < model_cfg.vocab_size:  # OpenAI's 50257 tokens, padded as for a fresh model
+        # OpenAI's 50257 tokens, padded as for a fresh model
+        if model.config.vocab_size < model_cfg.vocab_size:
             model = pad_vocab(model, model_cfg.vocab_size)
         check_shape(asdict(model.config), model_cfg, given, cfg.init_from)
     else:
         model = GPT(model_cfg)
     if cfg.seq_len > model.config.block_size:
-        raise UsageError(f"--seq_len {cfg.seq_len} is longer than the model's block_size {model.config.block_size}")
+        raise UsageError(f"--seq_len {cfg.seq_len} is longer than the model's block_size "
+                         f"{model.config.block_size}")
     return model
 
 
 def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
     """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
     state = ckpt["optimizer"]
-    # under FSDP each rank keeps its shards; a state-less checkpoint (fp16, no step taken yet) loads as is, as DCP
-    # would give it zero moments at step 1
+    # under FSDP each rank keeps its shards; a state-less checkpoint (fp16, no step taken yet) loads as is, as
+    # DCP would give it zero moments at step 1
     if isinstance(raw_model, FSDPModule) and state["state"]:
         set_optimizer_state_dict(raw_model, optimizer, by_name(state, raw_model, optimizer),
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)  # matches the saved parameters by order: index or name keys alike
-    if scaler is not None and "scaler" in ckpt:  # else a run that was not fp16 goes on in fp16 from a fresh scale
+    # else a run that was not fp16 goes on in fp16 from a fresh scale
+    if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
@@ -742,12 +759,12 @@ def train(cfg, model_cfg, sample_cfg, given=()):
         # log lines are written whole and checkpoints by rename, so nothing on disk is half-written
         raise UsageError(out_of_memory_advice(str(e), cfg)) from None
     except RuntimeError as e:
-        # a rank died or hung (NCCL: a DistError; gloo: a RuntimeError naming its source): torchrun may restart
+        # a rank died or hung (NCCL: a DistError; gloo: a RuntimeError naming its source): exit 1
         if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
             raise
-        raise UsageError(f"rank {rank}: another rank died or did not answer within --dist_timeout {cfg.dist_timeout} "
-                         f"s ({str(e).splitlines()[0]}); with torchrun --max-restarts and --resume the run goes on "
-                         "from its last checkpoint") from None
+        raise UsageError(f"rank {rank}: another rank died or did not answer within --dist_timeout "
+                         f"{cfg.dist_timeout} s ({str(e).splitlines()[0]}); with torchrun --max-restarts and "
+                         "--resume the run goes on from its last checkpoint") from None
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -757,8 +774,8 @@ def grad_accum_steps(cfg, world):
     B, T = cfg.batch_size, cfg.seq_len
     if cfg.total_batch_size % (B * T * world):
         ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
-        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * seq_len * "
-                         f"world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
+        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * "
+                         f"seq_len * world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
     return cfg.total_batch_size // (B * T * world)
 
 
@@ -766,7 +783,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     from memory_plan import check_memory, gib  # here: memory_plan imports this file for GPT
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
-    use_compile, compile_note = resolve_compile(cfg.compile, device)  # first: --compile where it cannot run is an error
+    # first: --compile where it cannot run is an error
+    use_compile, compile_note = resolve_compile(cfg.compile, device)
     precision = resolve_precision(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
     # DDP only where there is another rank to average with; FSDP shards over any number of ranks, one included
@@ -779,16 +797,17 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
 
-    # read on every rank, from each one's disk: a rank that cannot stops them all, before any collective differs
+    # read on every rank, from each one's disk: a rank that cannot stops them all, before collectives differ
     train_shards, val_shards = on_every_rank(lambda: find_data(cfg.data), distributed)
     rank_0_data = on_rank_0(lambda: data_identity(cfg.data), distributed)
     on_every_rank(lambda: check_same_data(cfg.data, rank_0_data), distributed)
     ckpt_path = on_rank_0(lambda: find_run(cfg), distributed)
-    ckpt = on_every_rank(lambda: check_resume(load_checkpoint(ckpt_path), ckpt_path, cfg, model_cfg, given, master),
-                         distributed) if ckpt_path else None
+    resume = lambda: check_resume(load_checkpoint(ckpt_path), ckpt_path, cfg, model_cfg, given, master)
+    ckpt = on_every_rank(resume, distributed) if ckpt_path else None
     raw_model = on_every_rank(lambda: build_model(cfg, model_cfg, given, ckpt), distributed)
-    planned = on_every_rank(lambda: check_memory(raw_model.config, cfg, world, precision.dtype, parallel, accum,
-                                                 device, master), distributed)
+    plan = lambda: check_memory(raw_model.config, cfg, world, precision.dtype, parallel, accum, device,
+                                master)
+    planned = on_every_rank(plan, distributed)
     raw_model.to(device)
     autocast = precision.autocast(device.type)  # after the memory check: a CUDA autocast needs a CUDA torch
     # the model's vocab_size bounds the data's token ids
@@ -798,12 +817,13 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     hella_examples = load_hellaswag(cfg, raw_model.config.block_size, master, distributed)
     # val runs the step's model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
     model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
-    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer, cfg.muon_lr,
-                                    cfg.muon_momentum, cfg.muon_split_qkv)
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer,
+                                    cfg.muon_lr, cfg.muon_momentum, cfg.muon_split_qkv)
     hypers = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     start_step = restore_state(ckpt, raw_model, optimizer, device, scaler) if ckpt else 0
     for group, h in zip(optimizer.param_groups, hypers):
-        group.update(h)  # load_state_dict brought back the checkpoint's weight_decay, lr...: the command line wins
+        # load_state_dict brought back the checkpoint's weight_decay, lr...: the command line wins
+        group.update(h)
     peak_lrs = [h["lr"] for h in hypers]
     del ckpt
 
@@ -820,7 +840,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
               f"{cfg.total_batch_size:,} tokens/step | {train_loader.seqs_per_epoch * T:,} train tokens"
               + (f" | resuming at step {start_step}" if start_step else ""))
 
-    # the next step's batches are cut from the shards in a thread while the GPU runs this step (30-60 ms of numpy)
+    # the next step's batches are cut from the shards in a thread while the GPU runs this step
     prefetcher = ThreadPoolExecutor(max_workers=1)
     load_step = functools.partial(train_loader.step_batches, accum=accum, rank=rank, world=world, B=B,
                                   pin_memory=device.type == "cuda")
@@ -851,7 +871,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
         loss = all_reduce(loss, distributed) / world
         lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
         for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
-            group["lr"] = lr * (peak_lr / cfg.max_lr)  # one warmup + cosine shape; Muon's group has its own peak
+            # one warmup + cosine shape; Muon's group has its own peak
+            group["lr"] = lr * (peak_lr / cfg.max_lr)
         norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, scaler)
         # the step's one wait for the GPU; a non-finite step stops the run before any checkpoint is written
         loss, norm = torch.stack([loss, norm]).tolist()
@@ -868,17 +889,19 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
         log.log(step, "train", loss, ".6f")
         if skipped:
             log.log(step, "skipped", 1, "d")
-        log.figures(step, lr=lr, norm=norm, tokens_per_s=cfg.total_batch_size / dt, **({"mfu": mfu} if mfu else {}))
+        log.figures(step, lr=lr, norm=norm, tokens_per_s=cfg.total_batch_size / dt,
+                    **({"mfu": mfu} if mfu else {}))
 
         if (step + 1) % cfg.checkpoint_interval == 0 or last:
-            save_checkpoint(os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt"), raw_model, optimizer, step + 1, cfg,
-                            device, master, scaler)
+            save_checkpoint(os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt"), raw_model, optimizer,
+                            step + 1, cfg, device, master, scaler)
     prefetcher.shutdown()
     if scaler is not None:
         log.print(f"{n_skipped} of steps {start_step}-{cfg.max_steps - 1} skipped for inf/nan fp16 gradients "
                   f"(loss scale now {scaler.get_scale():g})")
     if device.type == "cuda":
-        log.print(f"peak GPU memory {gib(torch.cuda.max_memory_allocated(device))} (the plan: {gib(planned)})")
+        peak_bytes = torch.cuda.max_memory_allocated(device)
+        log.print(f"peak GPU memory {gib(peak_bytes)} (the plan: {gib(planned)})")
     log.close()
 
 
@@ -892,7 +915,8 @@ class TrainConfig:
     log_dir: str = "log"  # log.txt and checkpoints
     batch_size: int = 64  # micro-batch B per process
     seq_len: int = 1024  # T
-    total_batch_size: int = 524288  # tokens per optimizer step, ~0.5M as in GPT-3 Small; accumulation fills it
+    # tokens per optimizer step, ~0.5M as in GPT-3 Small; accumulation fills it
+    total_batch_size: int = 524288
     max_lr: float = 6e-4
     min_lr: float = None  # default 0.1 * max_lr
     warmup_steps: int = 715  # 375M tokens, as in GPT-3
@@ -906,20 +930,25 @@ class TrainConfig:
     hellaswag_data: str = None  # hellaswag_val.jsonl or its folder; default: hellaswag.py's download cache
     sample_interval: int = 250
     checkpoint_interval: int = 5000
-    # seconds a rank waits on the others before it exits, so torchrun can restart a hung group: rank 0 writing an
-    # XL checkpoint (18.7 GB) is the longest honest wait (docs/fault_tolerance.md)
+    # seconds a rank waits on the others before it exits, so torchrun can restart a hung group: rank 0 writing
+    # an XL checkpoint (18.7 GB) is the longest honest wait (docs/fault_tolerance.md)
     dist_timeout: int = 600
     resume: bool = False  # continue from the newest checkpoint in log_dir
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
-    recompute: bool = False  # activation checkpointing: each block keeps only its input and recomputes in backward
+    # activation checkpointing: each block keeps only its input and recomputes in backward
+    recompute: bool = False
     memory_check: bool = True  # on a GPU, stop before step 0 when the memory plan does not fit
     init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
-    compile: bool = None  # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
+    # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
+    compile: bool = None
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # auto (bf16, or fp16 + GradScaler where no bf16, float32 on CPU), float32, bfloat16, float16
+    # auto (bf16, or fp16 + GradScaler where no bf16, float32 on CPU), float32, bfloat16, float16
+    dtype: str = "auto"
     seed: int = 1337
-    optimizer: str = "adamw"  # adamw (the recipe) or muon: Muon for the blocks' matrices (docs/muon_lab_log.md)
-    muon_lr: float = None  # Muon's peak lr on the same schedule; default max_lr (its update RMS matches AdamW's)
+    # adamw (the recipe) or muon: Muon for the blocks' matrices (docs/muon_lab_log.md)
+    optimizer: str = "adamw"
+    # Muon's peak lr on the same schedule; default max_lr (its update RMS matches AdamW's)
+    muon_lr: float = None
     muon_momentum: float = 0.95  # torch.optim.Muon's default (Nesterov)
     muon_split_qkv: bool = True  # orthogonalise c_attn's q, k and v apart
     wandb: str = None  # a W&B project to mirror log.txt to (rank 0; needs `pip install wandb`); default off
@@ -941,7 +970,8 @@ class SampleConfig:
 FAMILY_DATA = "edu_fineweb100B"
 
 
-SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")  # Tiny Shakespeare, shipped
+# Tiny Shakespeare, shipped
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")
 
 
 PRESETS = {
@@ -956,9 +986,9 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
                     total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
     # OpenAI's 124M fine-tuned on Tiny Shakespeare as nanoGPT's finetune_shakespeare.py: a constant lr of 3e-5
-    "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE,
-                                 log_dir="log_shakespeare_finetune", batch_size=8, total_batch_size=32768, max_lr=3e-5,
-                                 min_lr=3e-5, warmup_steps=0, max_steps=20, eval_interval=5, val_tokens=32768,
+    "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE, log_dir="log_shakespeare_finetune",
+                                 batch_size=8, total_batch_size=32768, max_lr=3e-5, min_lr=3e-5,
+                                 warmup_steps=0, max_steps=20, eval_interval=5, val_tokens=32768,
                                  sample_interval=5, checkpoint_interval=10, hellaswag=False, prompt="ROMEO:",
                                  max_new_tokens=48),
     # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
@@ -971,14 +1001,15 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults; flags override it")
+    parser = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named defaults; flags override them")
     for f in fields(GPTConfig) + fields(TrainConfig) + fields(SampleConfig):
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(f"--{f.name}", type=f.type if f.type in (int, float) else str, metavar=f.name.upper())
+            parser.add_argument(f"--{f.name}", type=f.type if f.type in (int, float) else str,
+                                metavar=f.name.upper())
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as for every other bad input
     given = vars(parser.parse_args(argv))
     values = {**PRESETS.get(given.pop("preset", None), {}), **given}
@@ -995,7 +1026,8 @@ def main(argv=None):
             return train(cfg, model_cfg, sample_cfg, given)
         source = cfg.init_from or find_checkpoint(cfg.log_dir)
         if source is None:
-            raise UsageError("nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir with checkpoints")
+            raise UsageError("nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir "
+                             "with checkpoints")
         device = resolve_device(cfg.device)
         model = load_model(source, device)
         if sample_cfg.export:  # the weights as trained (float32), whatever --dtype sampling uses
@@ -1013,6 +1045,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # hellaswag.py and memory_plan.py import this file as `train_gpt2`: the module running now, not a second copy
+    # hellaswag.py and memory_plan.py import this file as `train_gpt2`: this module, not a second copy
     sys.modules["train_gpt2"] = sys.modules["__main__"]
     main()
