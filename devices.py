@@ -1,6 +1,6 @@
 """
-The device a run gets and what it can do: --device, the GPU's architecture against this torch's kernels, the
-autocast precision and compile from what the GPU has, its peak FLOP/s for MFU, and glibc's CPU allocator.
+The device a run gets and what it can do: --device, the GPU's architecture against this torch's kernels,
+the autocast precision and compile from what the GPU has, its peak FLOP/s for MFU, and glibc's CPU allocator.
 Every script picks its device here: train_gpt2.py, hellaswag.py and bench/gpu_check.py.
 """
 import contextlib
@@ -25,10 +25,12 @@ def resolve_device(device_arg, local_rank=0):
     try:
         device = torch.device(device_arg)
     except RuntimeError:
-        raise UsageError(f"--device {device_arg} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"--device {device_arg} is not a device: "
+                         "use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {device_arg} asked for, but this torch sees no CUDA GPU; use --device cpu")
+            raise UsageError(f"--device {device_arg} asked for, but this torch sees no CUDA GPU; "
+                             "use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
@@ -39,8 +41,9 @@ def resolve_device(device_arg, local_rank=0):
 
 
 def check_arch(device):
-    """A GPU this torch has no kernels for fails at its first kernel ("no kernel image is available"): say so first.
-    It runs an sm_XY cubin of its own major at or below its capability, or a compute_XY (PTX) at or below it."""
+    """A GPU this torch has no kernels for fails at its first kernel ("no kernel image is available"): say
+    so first. It runs an sm_XY cubin of its own major at or below its capability, or a compute_XY (PTX) at
+    or below it."""
     archs = torch.cuda.get_arch_list()
     if not archs:
         return  # a torch that does not say what it carries
@@ -53,16 +56,19 @@ def check_arch(device):
             return
         if kind == "compute" and not suffix and (m, n) <= (major, minor):
             return
-    fix = (f"pip install torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu126 "
+    fix = (f"pip install torch=={torch.__version__.split('+')[0]} "
+           "--index-url https://download.pytorch.org/whl/cu126 "
            "(the CUDA 12.6 wheels still carry Pascal and Volta)" if (major, minor) < (7, 5)
            else "a torch built for a newer CUDA, from https://pytorch.org/get-started/locally/")
-    raise UsageError(f"{gpu_name(device)} has no kernels in this torch {torch.__version__} (CUDA {torch.version.cuda}, "
-                     f"built for {' '.join(archs)}): install {fix}, then pip install -r requirements.txt")
+    raise UsageError(f"{gpu_name(device)} has no kernels in this torch {torch.__version__} "
+                     f"(CUDA {torch.version.cuda}, built for {' '.join(archs)}): install {fix}, "
+                     "then pip install -r requirements.txt")
 
 
 class Precision(NamedTuple):
-    """What resolve_precision chose: the autocast dtype (the weights and the optimizer stay float32), the reason
-    the banner prints, and whether the loss needs a GradScaler (float16: its gradients underflow without one)."""
+    """What resolve_precision chose: the autocast dtype (the weights and the optimizer stay float32), the
+    reason the banner prints, and whether the loss needs a GradScaler (float16: its gradients underflow
+    without one)."""
     dtype: str  # float32, bfloat16 or float16
     reason: str
     scaler: bool
@@ -78,7 +84,8 @@ class Precision(NamedTuple):
 
 
 def resolve_precision(dtype_arg, device):
-    """--dtype on `device`: the one place every script picks its precision (training, sampling, hellaswag.py)."""
+    """--dtype on `device`: the one place every script picks its precision (training, sampling,
+    hellaswag.py)."""
     if dtype_arg == "float16":
         return Precision("float16", "float16 autocast with a GradScaler (--dtype float16)", True)
     if dtype_arg == "float32":
@@ -92,12 +99,12 @@ def resolve_precision(dtype_arg, device):
     if device.type != "cuda":
         return Precision("float32", f"float32 (--dtype auto on {device.type})", False)
     if native_bf16:
-        return Precision("bfloat16", f"bfloat16 autocast (--dtype auto: {gpu_name(device)} has bf16 tensor cores)",
-                         False)
-    # Volta and Turing (V100, T4, RTX 20xx) have fp16 tensor cores only; Pascal (P100, GTX 10xx) has none, but its
-    # bf16 would be emulated while fp16 at least halves the activations' memory traffic
-    return Precision("float16", f"float16 autocast with a GradScaler (--dtype auto: {gpu_name(device)} has no bf16 "
-                                "tensor cores)", True)
+        return Precision("bfloat16", f"bfloat16 autocast (--dtype auto: {gpu_name(device)} has bf16 "
+                                     "tensor cores)", False)
+    # Volta and Turing (V100, T4, RTX 20xx) have fp16 tensor cores only; Pascal (P100, GTX 10xx) has none, but
+    # its bf16 would be emulated while fp16 at least halves the activations' memory traffic
+    return Precision("float16", f"float16 autocast with a GradScaler (--dtype auto: {gpu_name(device)} "
+                                "has no bf16 tensor cores)", True)
 
 
 def gpu_name(device):
@@ -115,7 +122,8 @@ def resolve_compile(compile_arg, device):
         return bool(compile_arg), "" if compile_arg else f"off by default on {device.type}"
     missing = []
     try:
-        import triton  # noqa: F401  inductor writes its GPU kernels in Triton, which has no official Windows build
+        import triton  # noqa: F401  inductor writes its GPU kernels in Triton, which has no official
+                       # Windows build
     except ImportError:
         missing.append("Triton is not installed")
     major, minor = torch.cuda.get_device_capability(device)
@@ -139,13 +147,8 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
 
 
-# Peak dense (not 2:4-sparse) tensor-core FLOP/s per autocast dtype, from NVIDIA's datasheets (data center and
-# workstation cards) and architecture whitepapers (GeForce: Turing, Ampere GA102, Ada; there the figure "with FP32
-# accumulate", which is what PyTorch's matmuls use, is half the FP16-accumulate one). float32 is the TF32 tensor
-# peak, which fp32 matmuls run at on Ampere and newer (set_float32_matmul_precision("high")); on Volta and Turing,
-# which have no TF32 and no bf16, the plain FP32 peak. A dtype a card lacks has no entry (no MFU printed).
-# A10G: an AWS part without an NVIDIA datasheet; 70T is this table's earlier figure, not checked against a source.
-# Keys are matched as whole words of torch.cuda.get_device_name(), longest first: see peak_flops.
+# Peak dense tensor-core FLOP/s per autocast dtype (float32: TF32 where the card has it), from NVIDIA's
+# datasheets and whitepapers (docs/precision.md gives the sources); a dtype a card lacks has no entry
 PEAK_FLOPS = {
     "H200": dict(bfloat16=989e12, float16=989e12, float32=495e12),  # H200 SXM
     "H200 NVL": dict(bfloat16=836e12, float16=836e12, float32=418e12),

@@ -39,7 +39,8 @@ from train_gpt2 import EOT, UsageError, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"
-BATCH_CHARS = 1 << 20  # text per worker task: IPC cost is noise next to encoding 1M chars, yet small enough to balance
+BATCH_CHARS = 1 << 20  # text per worker task: IPC cost is noise next to encoding 1M chars, yet small
+                       # enough to balance
 EOT_ID = np.array([EOT], dtype=np.uint32)
 TASKS_PER_WORKER = 2  # tasks queued per worker: keeps every core busy while bounding memory
 
@@ -90,7 +91,8 @@ def read_jsonl(path, text_field):
                 raise UsageError(f"{where}: no field '{text_field}' (it has {', '.join(doc) or 'none'}); "
                                  "name the text field with --text_field")
             if not isinstance(doc[text_field], str):
-                raise UsageError(f"{where}: field '{text_field}' is {type(doc[text_field]).__name__}, not a string")
+                raise UsageError(f"{where}: field '{text_field}' is {type(doc[text_field]).__name__}, "
+                                 "not a string")
             yield doc[text_field]
 
 
@@ -131,15 +133,16 @@ def hf_documents(dataset, name, split, text_field, streaming, skip=0):
                          f"({type(e).__name__}: {first_line}); offline? pass local files with --input, "
                          "and set HF_HUB_OFFLINE=1 to fail at once") from None
     if ds.column_names is not None and text_field not in ds.column_names:
-        raise UsageError(f"dataset '{dataset}' has no column '{text_field}' (it has {', '.join(ds.column_names)}); "
-                         "name the text column with --text_field")
+        raise UsageError(f"dataset '{dataset}' has no column '{text_field}' "
+                         f"(it has {', '.join(ds.column_names)}); name the text column with --text_field")
     # skip(): a map-style dataset jumps straight to the row; a streaming one still reads past the rows
     ds = ds.select_columns([text_field]).skip(skip)
     row = skip
     for batch in ds.iter(batch_size=1000):
         for text in batch[text_field]:
             if not isinstance(text, str):
-                raise UsageError(f"dataset '{dataset}', row {row}: '{text_field}' is {type(text).__name__}, not a string")
+                raise UsageError(f"dataset '{dataset}', row {row}: '{text_field}' is {type(text).__name__}, "
+                                 "not a string")
             row += 1
             yield text
 
@@ -169,7 +172,8 @@ def batches(docs):
 
 
 def tokenize(texts):
-    """One batch of documents -> their [EOT] + tokens back to back (uint16), and each one's length (0 if empty)."""
+    """One batch of documents -> their [EOT] + tokens back to back (uint16), and each one's length (0 if
+    empty)."""
     enc = get_tokenizer()  # cached: built once per process
     pieces, lengths = [], []
     for text in texts:
@@ -230,7 +234,8 @@ def cut_shards(results, shard_size, document=0, token=0):
         for n in lengths:
             pos, token = token, 0  # only the first document of a resumed run starts part way
             while pos < n:
-                if fill == shard_size:  # full: written once more tokens arrive, so only the last shard is_last
+                if fill == shard_size:  # full: written once more tokens arrive, so only the last shard
+                                        # is_last
                     yield buf, docs, document, pos, False
                     fill = docs = 0
                 docs += pos == 0
@@ -303,16 +308,19 @@ def open_output(output_dir, prefix, source, shard_size, overwrite):
         for path in shards + mine("_meta.json"):
             os.remove(path)
     elif meta is None and shards:
-        raise UsageError(f"{output_dir} holds {prefix} shards but no {os.path.basename(meta_path(output_dir, prefix))}; "
+        raise UsageError(f"{output_dir} holds {prefix} shards but no "
+                         f"{os.path.basename(meta_path(output_dir, prefix))}; "
                          "pass --overwrite to replace them, or another --output_dir or --prefix")
     elif meta is not None and (meta.get("source") != source or meta.get("shard_size") != shard_size):
         other = "another source" if meta.get("source") != source else f"--shard_size {meta.get('shard_size')}"
-        raise UsageError(f"{output_dir} holds {prefix} shards made from {other}; pass --overwrite to replace them, "
-                         "or another --output_dir or --prefix")
+        raise UsageError(f"{output_dir} holds {prefix} shards made from {other}; "
+                         "pass --overwrite to replace them, or another --output_dir or --prefix")
     elif meta is not None:
-        missing = [s["file"] for s in meta["shards"] if not os.path.exists(os.path.join(output_dir, s["file"]))]
+        missing = [s["file"] for s in meta["shards"]
+                   if not os.path.exists(os.path.join(output_dir, s["file"]))]
         if missing:
-            raise UsageError(f"{os.path.join(output_dir, missing[0])} is missing; pass --overwrite to start over")
+            raise UsageError(f"{os.path.join(output_dir, missing[0])} is missing; "
+                             "pass --overwrite to start over")
     for tmp in mine("_*.tmp"):
         os.remove(tmp)  # half-written by a run that was killed
     if meta is not None:
@@ -346,8 +354,9 @@ def run(args):
         raise UsageError(f"--shard_size must be >= 1 token (got {args.shard_size}); the default is 100000000")
     memory = available_memory()
     if memory is not None and 2 * args.shard_size > memory:
-        raise UsageError(f"--shard_size {args.shard_size:,} needs {2 * args.shard_size / 2**30:.1f} GiB of memory, "
-                         f"only {memory / 2**30:.1f} GiB is available; pass a smaller --shard_size")
+        raise UsageError(f"--shard_size {args.shard_size:,} needs {2 * args.shard_size / 2**30:.1f} GiB "
+                         f"of memory, only {memory / 2**30:.1f} GiB is available; "
+                         "pass a smaller --shard_size")
     if args.num_proc < 1:
         raise UsageError(f"--num_proc must be >= 1 (got {args.num_proc})")
     if args.input and args.dataset:
@@ -358,7 +367,8 @@ def run(args):
     paths = expand_inputs(args.input) if args.input else None
     meta = open_output(args.output_dir, args.prefix, source_of(args, paths), args.shard_size, args.overwrite)
     if meta["complete"]:
-        print(f"{args.output_dir} is already complete: {len(meta['shards'])} shards, {meta['tokens']:,} tokens")
+        print(f"{args.output_dir} is already complete: {len(meta['shards'])} shards, "
+              f"{meta['tokens']:,} tokens")
         return meta
 
     # continue where the last complete shard ended (nowhere, for a fresh run)
@@ -369,10 +379,12 @@ def run(args):
     if paths:
         docs = local_documents(paths, args.text_field, skip=document)
     else:
-        docs = hf_documents(args.dataset, args.name, args.split, args.text_field, args.streaming, skip=document)
+        docs = hf_documents(args.dataset, args.name, args.split, args.text_field, args.streaming,
+                            skip=document)
 
     t0, tokens_before = time.time(), meta["tokens"]
-    progress = tqdm(unit="tok", unit_scale=True, initial=meta["tokens"], disable=None)  # disable=None: only on a terminal
+    progress = tqdm(unit="tok", unit_scale=True, initial=meta["tokens"],
+                    disable=None)  # disable=None: only on a terminal
 
     def counted(results):
         for tokens, lengths in results:
@@ -383,15 +395,17 @@ def run(args):
                 counted(tokenized(docs, args.num_proc)), args.shard_size, document, token):
             index = len(meta["shards"])
             if index == 0 and is_last:
-                raise UsageError(f"the input has only {len(tokens):,} tokens: not enough for a val shard and a train "
-                                 f"shard of --shard_size {args.shard_size:,}; pass a smaller --shard_size, "
-                                 f"e.g. {max(1, len(tokens) // 10):,}")
+                raise UsageError(f"the input has only {len(tokens):,} tokens: not enough for a val shard "
+                                 f"and a train shard of --shard_size {args.shard_size:,}; "
+                                 f"pass a smaller --shard_size, e.g. {max(1, len(tokens) // 10):,}")
             if index == 0:
-                save_meta(args.output_dir, args.prefix, meta)  # claim the folder for this source before any shard
+                save_meta(args.output_dir, args.prefix, meta)  # claim the folder for this source before any
+                                                               # shard
             name = shard_name(args.prefix, index)
             write_atomically(os.path.join(args.output_dir, name), lambda f: np.save(f, tokens))
-            meta["shards"].append({"file": name, "split": "val" if index == 0 else "train", "tokens": len(tokens),
-                                   "documents": docs_in_shard, "next_document": next_document, "next_token": next_token})
+            meta["shards"].append({"file": name, "split": "val" if index == 0 else "train",
+                                   "tokens": len(tokens), "documents": docs_in_shard,
+                                   "next_document": next_document, "next_token": next_token})
             meta["tokens"] += len(tokens)
             meta["documents"] += docs_in_shard
             # documents before next_document are written or empty; one more has begun if next_token > 0
@@ -399,8 +413,8 @@ def run(args):
             meta["complete"] = is_last
             save_meta(args.output_dir, args.prefix, meta)
             rate = (meta["tokens"] - tokens_before) / (time.time() - t0)
-            progress.write(f"{os.path.join(args.output_dir, name)}: {len(tokens):,} tokens, {docs_in_shard:,} documents; "
-                           f"{rate:,.0f} tokens/s")
+            progress.write(f"{os.path.join(args.output_dir, name)}: {len(tokens):,} tokens, "
+                           f"{docs_in_shard:,} documents; {rate:,.0f} tokens/s")
     if not meta["complete"]:
         raise UsageError("the input has no text" if not meta["shards"] else
                          "the input ended before the shards already written; pass --overwrite to start over")
@@ -414,19 +428,26 @@ def run(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", help="local .txt/.jsonl/.parquet files or globs, instead of a HF dataset")
+    p.add_argument("--input", nargs="+",
+                   help="local .txt/.jsonl/.parquet files or globs, instead of a HF dataset")
     p.add_argument("--dataset", help=f"Hugging Face dataset (default {DEFAULT_DATASET})")
-    p.add_argument("--name", help=f"dataset config (default {DEFAULT_NAME} for the default dataset, none otherwise)")
+    p.add_argument("--name",
+                   help=f"dataset config (default {DEFAULT_NAME} for the default dataset, none otherwise)")
     p.add_argument("--split", default="train", help="dataset split (default train)")
     p.add_argument("--text_field", default="text",
                    help="the field (jsonl) or column (parquet, HF) holding the text (default text)")
-    p.add_argument("--streaming", action="store_true", help="stream the HF dataset instead of downloading it first")
-    p.add_argument("--output_dir", default="edu_fineweb10B", help="where the shards go (default edu_fineweb10B)")
-    p.add_argument("--prefix", default="edufineweb", help="shard file names start with it (default edufineweb)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the HF dataset instead of downloading it first")
+    p.add_argument("--output_dir", default="edu_fineweb10B",
+                   help="where the shards go (default edu_fineweb10B)")
+    p.add_argument("--prefix", default="edufineweb",
+                   help="shard file names start with it (default edufineweb)")
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard (default 100000000)")
-    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+    p.add_argument("--num_proc", type=int,
+                   default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count(), help="tokenizer processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards made from another source or shard size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards made from another source or shard size")
     return p.parse_args(argv)
 
 
@@ -437,7 +458,8 @@ def main(argv=None):
     except UsageError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue after the last complete shard", file=sys.stderr)
+        print("interrupted: rerun the same command to continue after the last complete shard",
+              file=sys.stderr)
         sys.exit(130)
 
 

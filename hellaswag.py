@@ -132,13 +132,15 @@ def fit_to_block(examples, block_size):
     if len(kept) == len(examples):
         return kept, None
     return kept, (f"{len(examples) - len(kept)} of {len(examples)} HellaSwag examples left out: an ending of "
-                  f"{block_size} tokens or more leaves a block_size {block_size} model no context to score it after")
+                  f"{block_size} tokens or more leaves a block_size {block_size} model no context "
+                  "to score it after")
 
 
 def render_example(example, block_size=None):
     """
-    tokens, mask: LongTensors (4, L), one row per ending: the context's tokens, then the ending's, each row cut on
-    its own to its last block_size tokens and right-padded with 0s to the longest; mask is 1 on the ending's tokens.
+    tokens, mask: LongTensors (4, L), one row per ending: the context's tokens, then the ending's, each row
+    cut on its own to its last block_size tokens and right-padded with 0s to the longest; mask is 1 on the
+    ending's tokens.
     label: int.
     """
     ctx = get_tokenizer().encode_ordinary(example["ctx"])
@@ -160,7 +162,8 @@ def render_example(example, block_size=None):
 
 
 def ending_losses(model, tokens, mask, autocast_dtype=None):
-    """Sum and mean cross-entropy (float32, shape (rows,)) of the masked tokens in each row of tokens (rows, T)."""
+    """Sum and mean cross-entropy (float32, shape (rows,)) of the masked tokens in each row of tokens
+    (rows, T)."""
     with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits, _ = model(tokens)
     # position t predicts token t+1. Only the ending tokens' losses are needed: taking just their
@@ -168,13 +171,15 @@ def ending_losses(model, tokens, mask, autocast_dtype=None):
     # (50257..) are no real token and take no probability mass. float32: bf16 would blur the small
     # differences between endings.
     mask = mask[:, 1:].bool()
-    scored = F.cross_entropy(logits[:, :-1][mask][:, :GPT2_VOCAB].float(), tokens[:, 1:][mask], reduction="none")
+    scored = F.cross_entropy(logits[:, :-1][mask][:, :GPT2_VOCAB].float(), tokens[:, 1:][mask],
+                             reduction="none")
     losses = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device).masked_scatter_(mask, scored)
     sum_loss = losses.sum(dim=1)
     return sum_loss, sum_loss / mask.sum(dim=1)
 
 
-def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None, progress=False):
+def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None,
+             progress=False):
     """
     Score examples[rank::world_size] with `model` (our GPT: model(idx) -> (logits, loss)), batch_size
     examples (4 rows each) per forward. Returns this rank's counts (examples, correct by lowest sum
@@ -185,8 +190,8 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
         raise UsageError(f"batch_size must be >= 1 (got {batch_size})")
     was_training = model.training
     model.eval()
-    # a model with a shorter context than an example (a small test model: GPT-2's 1024 fits them all) reads, per
-    # ending, the ending and as much of the context before it as fits
+    # a model with a shorter context than an example (a small test model: GPT-2's 1024 fits them all) reads,
+    # per ending, the ending and as much of the context before it as fits
     rendered = [render_example(ex, model.config.block_size) for ex in examples[rank::world_size]]
     # longest first, so each batch holds similar lengths and little compute goes to padding; the
     # first batch is the largest, so an out-of-memory batch_size fails at once, not at the end
@@ -226,10 +231,13 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default="gpt2",
-                        help="gpt2 ... gpt2-xl, a folder saved by transformers, or a train_gpt2.py .pt checkpoint")
-    parser.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+                        help="gpt2 ... gpt2-xl, a folder saved by transformers, "
+                             "or a train_gpt2.py .pt checkpoint")
+    parser.add_argument("-d", "--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--data", default=None,
                         help="a .jsonl file or a folder holding hellaswag_{split}.jsonl "
                              f"(default: download to {CACHE_DIR.name}/ next to this script)")

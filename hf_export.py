@@ -1,7 +1,7 @@
 """
---export: a train_gpt2.py model as a transformers folder (weights, config, GPT-2's tokenizer, a Hub model card)
-that from_pretrained, pipeline() and lm-eval-harness load as they load OpenAI's gpt2. train_gpt2.main() imports
-this file only for --export, so training never needs transformers.
+--export: a train_gpt2.py model as a transformers folder (weights, config, GPT-2's tokenizer, a Hub model
+card) that from_pretrained, pipeline() and lm-eval-harness load as they load OpenAI's gpt2. train_gpt2.main()
+imports this file only for --export, so training never needs transformers.
 """
 
 import os
@@ -20,7 +20,8 @@ EXPORT_TAG = "gpt2-repro-export"  # in every exported card's tags: marks a folde
 
 
 def hf_tokenizer(block_size):
-    """GPT-2's tokenizer for transformers, built from the shipped BPE ranks: the same ids as get_tokenizer()."""
+    """GPT-2's tokenizer for transformers, built from the shipped BPE ranks: the same ids as
+    get_tokenizer()."""
     get_tokenizer()  # checks BPE_FILE's hash; the converter reads the file unchecked
     converted = TikTokenConverter(vocab_file=str(BPE_FILE), pattern=r50k_pat_str,
                                   extra_special_tokens={"<|endoftext|>": EOT}).converted()
@@ -31,7 +32,8 @@ def hf_tokenizer(block_size):
 
 
 def training_rows(source):
-    """(what, value) rows on how the .pt checkpoint `source` was trained: its step and args, and its log.txt."""
+    """(what, value) rows on how the .pt checkpoint `source` was trained: its step and args, and its
+    log.txt."""
     ckpt = load_checkpoint(source)
     step, args = ckpt.get("step"), ckpt.get("args") or {}
     if step is None:
@@ -59,7 +61,8 @@ def training_rows(source):
 
 
 def model_card(hf, folder, source):
-    """The export's README.md, a huggingface_hub ModelCard: the Hub's YAML metadata, then what the model is."""
+    """The export's README.md, a huggingface_hub ModelCard: the Hub's YAML metadata, then what the model
+    is."""
     c = hf.config
     n_params = sum(p.numel() for p in hf.parameters())  # parameters() yields the tied wte/lm_head once
     rows = [("architecture", f"GPT-2: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, "

@@ -5,8 +5,8 @@ from errors import UsageError
 
 
 class Logger:
-    """One line per event on stdout and, as `step stream value`, in log_dir/log.txt (appended, never wiped); with
-    --wandb the same events, the step line's other figures and the samples also go to a W&B run."""
+    """One line per event on stdout and, as `step stream value`, in log_dir/log.txt (appended, never wiped);
+    with --wandb the same events, the step line's other figures and the samples also go to a W&B run."""
 
     def __init__(self, log_dir, enabled, wandb_project=None, config=None, resume=False):
         self.enabled = enabled
@@ -65,7 +65,8 @@ def open_wandb(project, log_dir, config, resume):
     """The W&B run of this log_dir: its id is kept in log_dir/wandb_id, so --resume goes on logging to it."""
     import wandb
     id_file = os.path.join(log_dir, "wandb_id")
-    run_id = open(id_file).read().strip() if resume and os.path.exists(id_file) else None  # None: W&B picks one
+    run_id = (open(id_file).read().strip() if resume and os.path.exists(id_file)
+              else None)  # None: W&B picks one
     try:
         # dir: its files (all of them, under WANDB_MODE=offline) go to log_dir/wandb/, beside log.txt
         run = wandb.init(project=project, id=run_id, resume="allow" if run_id else None, dir=log_dir,

@@ -25,7 +25,7 @@ class MuonAdamW:
                 matrices += views
             else:
                 matrices.append(p)
-        # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch.optim.Muon's defaults, Keller Jordan's values
+        # momentum 0.95 with Nesterov, 5 Newton-Schulz steps: torch.optim.Muon's defaults, Jordan's values
         self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                      adjust_lr_fn="match_rms_adamw")
 

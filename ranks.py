@@ -1,6 +1,7 @@
 """
 What the ranks of a torchrun group agree on: each attempt's own store, and every branch that changes which
-collectives run, decided on rank 0 or by all ranks together, so that no rank waits on a collective the others skip.
+collectives run, decided on rank 0 or by all ranks together, so that no rank waits on a collective the
+others skip.
 """
 import os
 
@@ -10,19 +11,22 @@ from errors import UsageError
 
 
 def attempt_store(timeout):
-    """torchrun's TCPStore under a prefix naming this attempt: torchrun 2.5+ keeps one store across restarts, and a
-    restarted rank would read the dead attempt's peer addresses (pytorch#135712). Each node counts its own restarts."""
+    """torchrun's TCPStore under a prefix naming this attempt: torchrun 2.5+ keeps one store across restarts,
+    and a restarted rank would read the dead attempt's peer addresses (pytorch#135712). Each node counts its
+    own restarts."""
     if int(os.environ["GROUP_WORLD_SIZE"]) > 1 and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]) > 0:
-        raise UsageError("torchrun --max-restarts over several nodes shares one TCPStore between attempts, which "
-                         "a restarted group misreads: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+        raise UsageError("torchrun --max-restarts over several nodes shares one TCPStore between attempts, "
+                         "which a restarted group misreads: "
+                         "launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
     return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def on_every_rank(fn, distributed):
-    """fn() on every rank; if any rank raised a UsageError, every rank raises the first one: a branch that changes
-    which collectives run (data found, HellaSwag loaded or skipped) is then taken by all ranks or by none."""
+    """fn() on every rank; if any rank raised a UsageError, every rank raises the first one: a branch that
+    changes which collectives run (data found, HellaSwag loaded or skipped) is then taken by all ranks or
+    by none."""
     try:
         result, error = fn(), None
     except UsageError as e:
@@ -37,7 +41,8 @@ def on_every_rank(fn, distributed):
 
 
 def on_rank_0(fn, distributed):
-    """fn() on rank 0, its result (or UsageError) broadcast: what rank 0 sees on its disk is what every rank does."""
+    """fn() on rank 0, its result (or UsageError) broadcast: what rank 0 sees on its disk is what every rank
+    does."""
     box = [None, None]
     if not distributed or dist.get_rank() == 0:
         try:

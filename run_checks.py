@@ -12,29 +12,33 @@ from errors import UsageError
 
 
 def data_identity(path):
-    """What --data holds, whatever its spelling (./input.txt, a moved checkout): its files' names and sizes."""
+    """What --data holds, whatever its spelling (./input.txt, a moved checkout): its files' names and
+    sizes."""
     files = [path] if path.endswith(".txt") else sorted(glob.glob(os.path.join(path, "*_*.npy")))
     return [(os.path.basename(f), os.path.getsize(f)) for f in files]
 
 
 def check_same_data(path, rank_0_data):
     if data_identity(path) != rank_0_data:
-        raise UsageError(f"--data {path} holds other files here than on rank 0: give every node the same shards")
+        raise UsageError(f"--data {path} holds other files here than on rank 0: "
+                         "give every node the same shards")
 
 
 # a resumed run follows the command line for these; the data order depends on the ones it refuses to change
-FOLLOWED = ("max_lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "muon_lr", "muon_momentum")
+FOLLOWED = ("max_lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "muon_lr",
+            "muon_momentum")
 DATA_ORDER = ("seed", "shuffle", "seq_len", "total_batch_size")
 
 
 def check_shape(config, model_cfg, given, source):
-    """A model from elsewhere (a checkpoint to resume, --init_from) keeps its own shape: only a shape flag set on
-    the command line (or by the preset) that disagrees with it is an error."""
+    """A model from elsewhere (a checkpoint to resume, --init_from) keeps its own shape: only a shape flag set
+    on the command line (or by the preset) that disagrees with it is an error."""
     clash = [f"--{k} {getattr(model_cfg, k)} but it has {v}" for k, v in config.items()
              if k in given and getattr(model_cfg, k) != v]
     if clash:
         raise UsageError(f"{source} is a model of another shape: " + ", ".join(clash)
-                         + "; drop those flags (the model's shape is used) or pass another --log_dir / --init_from")
+                         + "; drop those flags (the model's shape is used) "
+                         "or pass another --log_dir / --init_from")
 
 
 def check_config(model_cfg, cfg, sample_cfg, gpt2_vocab):
@@ -50,20 +54,23 @@ def check_config(model_cfg, cfg, sample_cfg, gpt2_vocab):
                  "total_batch_size", "max_steps", "eval_interval", "val_tokens", "sample_interval",
                  "checkpoint_interval", "dist_timeout", "num_samples", "max_new_tokens", "top_k"):
         need(getattr(values, name) >= 1, name, "an integer >= 1")
-    need(model_cfg.vocab_size >= gpt2_vocab, "vocab_size", f"an integer >= {gpt2_vocab}, the GPT-2 tokenizer's size")
+    need(model_cfg.vocab_size >= gpt2_vocab, "vocab_size",
+         f"an integer >= {gpt2_vocab}, the GPT-2 tokenizer's size")
     need(model_cfg.n_embd % model_cfg.n_head == 0, "n_embd", f"a multiple of --n_head {model_cfg.n_head}")
     need(cfg.max_lr > 0, "max_lr", "a learning rate > 0, e.g. 6e-4")
     need(cfg.optimizer in ("adamw", "muon"), "optimizer", "adamw or muon")
     need(cfg.muon_lr is None or cfg.muon_lr > 0, "muon_lr", "a learning rate > 0, e.g. 6e-4")
     need(0 <= cfg.muon_momentum < 1, "muon_momentum", "a number in [0, 1), e.g. 0.95")
-    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr", f"a learning rate from 0 to --max_lr {cfg.max_lr}")
+    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr",
+         f"a learning rate from 0 to --max_lr {cfg.max_lr}")
     need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
     need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
     need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
     need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
     need(sample_cfg.temperature >= 0, "temperature", "a number >= 0 (0: always the likeliest token)")
     need(not os.path.isfile(cfg.log_dir), "log_dir", "a folder, and that is a file: pass another --log_dir")
-    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+         "auto, float32, bfloat16 or float16")
     need(cfg.wandb is None or cfg.wandb.strip() != "", "wandb", "a W&B project name")
     if cfg.wandb is not None:
         try:
@@ -72,13 +79,15 @@ def check_config(model_cfg, cfg, sample_cfg, gpt2_vocab):
             raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
                              "(or drop --wandb)") from None
     if cfg.fsdp and cfg.optimizer == "muon":
-        # Muon orthogonalises whole matrices (c_attn's q, k, v as views of one): a rank holds only row slices of them
-        raise UsageError("--optimizer muon does not run with --fsdp (each rank holds only slices of the matrices "
-                         "Muon orthogonalises): use --optimizer adamw with --fsdp, or Muon without --fsdp")
+        # Muon orthogonalises whole matrices, and a rank holds only row slices of them
+        raise UsageError("--optimizer muon does not run with --fsdp "
+                         "(each rank holds only slices of the matrices Muon orthogonalises): "
+                         "use --optimizer adamw with --fsdp, or Muon without --fsdp")
 
 
 def check_resume(ckpt, ckpt_path, cfg, model_cfg, given, master):
-    """The checkpoint to resume, checked against the flags: a change that would alter the data order is refused."""
+    """The checkpoint to resume, checked against the flags: a change that would alter the data order is
+    refused."""
     check_shape(ckpt["config"], model_cfg, given, ckpt_path)
     args = ckpt["args"]
     changed = [f"--{k} {args[k]}" for k in DATA_ORDER if args[k] != getattr(cfg, k)]
@@ -90,11 +99,12 @@ def check_resume(ckpt, ckpt_path, cfg, model_cfg, given, master):
     if changed:
         raise UsageError(f"{ckpt_path} was trained with " + ", ".join(changed)
                          + "; resume with the same values (or start a new --log_dir)")
-    # the optimizer state fits one optimizer and, for Muon, one way of cutting c_attn; older checkpoints are AdamW's
+    # the optimizer state fits one optimizer and one way of cutting c_attn; older checkpoints are AdamW's
     opt, split = args.get("optimizer", "adamw"), args.get("muon_split_qkv", True)
     if opt != cfg.optimizer or (opt == "muon" and split != cfg.muon_split_qkv):
         flags = f"--optimizer {opt}" + (f" --{'' if split else 'no-'}muon_split_qkv" if opt == "muon" else "")
-        raise UsageError(f"{ckpt_path} was trained with {flags}; resume with the same (or start a new --log_dir)")
+        raise UsageError(f"{ckpt_path} was trained with {flags}; "
+                         "resume with the same (or start a new --log_dir)")
     followed = [f"--{k} {getattr(cfg, k)} (was {args[k]})" for k in FOLLOWED
                 if args.get(k, getattr(cfg, k)) != getattr(cfg, k)]
     if followed and master:
@@ -108,12 +118,15 @@ def find_checkpoint(log_dir):
 
 
 def find_run(cfg):
-    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides."""
+    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk
+    decides."""
     ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
     if cfg.resume and ckpt_path is None:
         # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
-        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
-    if not cfg.resume and (find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
+        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0",
+              flush=True)
+    if not cfg.resume and (find_checkpoint(cfg.log_dir)
+                           or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
         raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
                          "or a new --log_dir (or delete the folder) to start afresh")
     return ckpt_path

@@ -106,6 +106,21 @@ def test_gpu_check_passes_on_cpu_with_a_tiny_model():
         ["train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag"]
 
 
+@pytest.mark.slow
+def test_gpu_check_leaves_out_what_skip_names_to_fit_a_short_slot():
+    others = ["memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag"]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                        "--skip", ",".join(others)], capture_output=True, text=True, timeout=600)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [line.split()[:2] for line in lines if line.startswith(("PASS", "SKIP", "FAIL"))] == \
+        [["PASS", "train"]] + [["SKIP", name] for name in others]
+    assert lines[-1] == "1 passed, 0 failed, 9 skipped"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--skip", "train"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error: --skip train: it takes checks among")
+
+
 def _grads_of(model, forward, x, y, autocast):
     model.zero_grad(set_to_none=True)
     with autocast:
