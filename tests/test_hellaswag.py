@@ -217,8 +217,8 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
 
 def test_offline_without_data_says_which_data_to_pass(tmp_path):
     # a copy of the scripts with an empty cache beside it, and a proxy that refuses every connection
-    for name in ("hellaswag.py", "train_gpt2.py", "gpt2.tiktoken"):
-        shutil.copy(ROOT / name, tmp_path / name)
+    for path in [*ROOT.glob("*.py"), ROOT / "gpt2.tiktoken"]:
+        shutil.copy(path, tmp_path / path.name)
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
     env["https_proxy"] = "http://127.0.0.1:9"
     assert_one_line_error(run_cli("-d", "cpu", cwd=tmp_path, env=env), "--data", "hellaswag_val.jsonl")
