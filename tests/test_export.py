@@ -75,14 +75,12 @@ def test_endoftext_is_one_special_token_and_the_bos_eos_unk_and_pad(export):
     assert gen.eos_token_id == gen.pad_token_id == EOT
 
 
-def test_pipeline_greedy_generation_equals_our_sample_token_for_token(run, export):
+def test_pipeline_greedy_generation_equals_our_sample_token_for_token(run, export, capsys):
     prompt, n = "ROMEO:", 24  # prompt + n tokens fit the tiny model's block_size of 32
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--init_from", str(run / "model_000003.pt"),
-                        "--sample", "--temperature", "0", "--num_samples", "1", "--prompt", prompt,
-                        "--max_new_tokens", str(n)], capture_output=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"})
-    assert r.returncode == 0, r.stderr
-    ours = r.stdout.decode("utf-8").rsplit("\n" + "-" * 40 + "\n", 1)[0]
+    capsys.readouterr()
+    main(["--init_from", str(run / "model_000003.pt"), "--sample", "--temperature", "0", "--num_samples", "1",
+          "--prompt", prompt, "--max_new_tokens", str(n)])  # train_gpt2.py --sample, in this process
+    ours = capsys.readouterr().out.rsplit("\n" + "-" * 40 + "\n", 1)[0]
     # eos_token_id=None: our sampler does not stop at <|endoftext|>, pipeline's default does
     out = pipeline("text-generation", model=str(export))(prompt, max_new_tokens=n, do_sample=False,
                                                           eos_token_id=None, return_tensors=True)

@@ -13,7 +13,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import ROOT
 from hf_export import export_hf
-from test_train import KILL_9, TINY, assert_same_weights, expect_error, read_log, run_script
+from test_train import KILL_9, TINY, assert_same_weights, expect_error, main_1_thread, read_log
 from train_gpt2 import GPT, GPT2_VOCAB, GPTConfig, load_model, main, pad_vocab, parse_args
 
 # the run's flags and no shape flag: the shape is the pretrained model's
@@ -59,27 +59,27 @@ def test_finetuning_trains_at_the_padded_vocab_and_export_drops_it_again(pretrai
 
 
 @pytest.mark.slow
-def test_killed_finetuning_run_resumes_with_the_same_command(pretrained, tmp_path):
+def test_killed_finetuning_run_resumes_with_the_same_command(pretrained, tmp_path, monkeypatch, capsys):
     # the case: the command has --init_from and no shape flags; --resume used to compare the checkpoint
     # with the default 124M shape and refuse
     args = FT + ["--init_from", pretrained, "--max_steps", "6", "--checkpoint_interval", "3", "--eval_interval", "2",
                  "--log_dir", "run"]
     (tmp_path / "full").mkdir()
-    r = run_script(args, cwd=tmp_path / "full")
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path / "full")
+    main_1_thread(args)  # the oracle, in this process with the killed run's thread count
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", KILL_9, "4 train"] + args, cwd=tmp_path, capture_output=True, text=True,
                        timeout=300, env=env)  # after the step-3 checkpoint, with steps logged past it
     assert r.returncode == -9, r.stderr
-    r = run_script(args + ["--resume"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "resuming at step 3" in r.stdout
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    main_1_thread(args + ["--resume"])  # the same command, in this process
+    assert "resuming at step 3" in capsys.readouterr().out
     assert (tmp_path / "run" / "log.txt").read_text() == (tmp_path / "full" / "run" / "log.txt").read_text()
     assert_same_weights(tmp_path / "full" / "run" / "model_000006.pt", tmp_path / "run" / "model_000006.pt")
     # and without --init_from: the weights come from the checkpoint either way
-    r = run_script([a for a in args if a != pretrained and a != "--init_from"] + ["--resume", "--max_steps", "7"],
-                   cwd=tmp_path)
-    assert r.returncode == 0 and "resuming at step 6" in r.stdout, r.stderr
+    main([a for a in args if a != pretrained and a != "--init_from"] + ["--resume", "--max_steps", "7"])
+    assert "resuming at step 6" in capsys.readouterr().out
 
 
 def test_a_shape_flag_that_disagrees_with_the_loaded_model_names_both_values(pretrained, tmp_path):

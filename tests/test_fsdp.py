@@ -54,8 +54,7 @@ def cut_at_step_4(run_dir, cut_dir):
 def runs(tmp_path_factory):
     """The oracle (one process, no FSDP) and the same run with --fsdp on 2 ranks; each checkpoints at 4 and 8."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    r = run_script(ARGS + ["--log_dir", "single"], cwd=tmp)
-    assert r.returncode == 0, r.stderr
+    main(ARGS + ["--log_dir", str(tmp / "single")])  # in process: the oracle is not about the process boundary
     r = run_script(ARGS + ["--log_dir", "fsdp", "--fsdp"], cwd=tmp, launcher=TORCHRUN_2)  # a hang fails the timeout
     assert r.returncode == 0, r.stderr
     assert "2 process(es) on cpu (FSDP)" in r.stdout and "accum=2" in r.stdout
@@ -89,15 +88,18 @@ def test_fsdp_checkpoint_resumes_exactly_under_fsdp_and_on_one_process(runs, tmp
     # FSDP on 2 ranks -> 1 process without it, and 1 process -> FSDP on 2 ranks: the oracle's steps 4-7
     for source, flags, launcher in (("fsdp", [], None), ("single", ["--fsdp"], TORCHRUN_2)):
         cut = cut_at_step_4(tmp / source, tmp_path / f"from_{source}")
-        r = run_script(ARGS + ["--log_dir", str(cut), "--resume"] + flags, cwd=tmp_path, launcher=launcher)
-        assert r.returncode == 0, r.stderr
+        if launcher is None:  # one process: in this one
+            main(ARGS + ["--log_dir", str(cut), "--resume"])
+        else:
+            r = run_script(ARGS + ["--log_dir", str(cut), "--resume"] + flags, cwd=tmp_path, launcher=launcher)
+            assert r.returncode == 0, r.stderr
         for stream in ("train", "val"):
             assert max_log_diff(tmp / "single" / "log.txt", cut / "log.txt", stream) <= 1e-5, (source, stream)
         assert max_weight_diff(tmp / "single" / "model_000008.pt", cut / "model_000008.pt") <= 1e-5, source
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, capsys):
+def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, capsys, monkeypatch):
     tmp, _ = runs
     fsdp_ckpt, single_ckpt = tmp / "fsdp" / "model_000008.pt", tmp / "single" / "model_000008.pt"
     idx = torch.randint(0, GPT2_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -105,11 +107,11 @@ def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, ca
         ours, oracle = load_model(str(fsdp_ckpt)).eval()(idx)[0], load_model(str(single_ckpt)).eval()(idx)[0]
     assert (ours - oracle).abs().max().item() <= 1e-4
     scores = []
-    for ckpt in (fsdp_ckpt, single_ckpt):
-        r = subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), "-m", str(ckpt), "--data", str(FIXTURE)],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        scores.append(json.loads(r.stdout.splitlines()[-1]))
+    capsys.readouterr()
+    for ckpt in (fsdp_ckpt, single_ckpt):  # hellaswag.py's main, in this process
+        monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", str(ckpt), "--data", str(FIXTURE)])
+        hellaswag.main()
+        scores.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
     fits = len(hellaswag.fit_to_block(hellaswag.load_examples(data=FIXTURE), 32)[0])  # TINY's block_size
     assert scores[0] == scores[1] and scores[0]["examples"] == fits
     main(["--init_from", str(fsdp_ckpt), "--sample", "--num_samples", "1", "--max_new_tokens", "8", "--prompt", "ROMEO:"])

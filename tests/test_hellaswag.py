@@ -51,8 +51,10 @@ def reference(hf_folder, examples):
             per_ending = []
             for ending in ex["endings"]:
                 end = enc.encode(" " + ending)
-                logprobs = F.log_softmax(hf(torch.tensor([ctx + end]), use_cache=False).logits[0].double(), dim=-1)
-                losses = [-logprobs[len(ctx) + k - 1, tok].item() for k, tok in enumerate(end)]
+                logits = hf(torch.tensor([ctx + end]), use_cache=False).logits[0]
+                # the rows that predict the ending's tokens (log_softmax is row by row: the others are not needed)
+                logprobs = F.log_softmax(logits[len(ctx) - 1:len(ctx) + len(end) - 1].double(), dim=-1)
+                losses = [-logprobs[k, tok].item() for k, tok in enumerate(end)]
                 per_ending.append((sum(losses), sum(losses) / len(losses)))
             scores.append(per_ending)
     return torch.tensor(scores, dtype=torch.float64)
@@ -153,14 +155,17 @@ def test_evaluate_restores_training_mode(model, examples):
     assert not model.training
 
 
-def test_hf_folder_and_pt_checkpoint_score_the_same(hf_folder, model, examples, reference, tmp_path):
+def test_hf_folder_and_pt_checkpoint_score_the_same(hf_folder, model, examples, reference, tmp_path, monkeypatch,
+                                                    capsys):
     ckpt = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, ckpt)
     results = []
-    for name in (hf_folder, ckpt):
-        out = run_cli("-m", str(name), "--data", str(FIXTURE), "-d", "cpu", "--batch_size", "8", "--limit", "30")
-        assert out.returncode == 0, out.stderr
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))  # the JSON is the last stdout line
+    capsys.readouterr()
+    for name in (hf_folder, ckpt):  # hellaswag.py's main, in this process (its errors have tests of their own)
+        monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", str(name), "--data", str(FIXTURE), "-d", "cpu",
+                                          "--batch_size", "8", "--limit", "30"])
+        hellaswag.main()
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))  # the JSON: the last line
     n, correct, correct_norm = counts(reference[:30], examples[:30])
     assert results[0] == results[1] == {"examples": n, "acc": correct / n, "acc_norm": correct_norm / n}
 

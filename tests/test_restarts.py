@@ -18,26 +18,29 @@ TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--
 ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--checkpoint_interval", "4",
                "--eval_interval", "3", "--log_dir", "run", "--resume"]
 
-# torchrun's worker: train_gpt2.main, except that rank RANK, on the first attempt only, leaves a file named
-# after what it does and then kills itself with SIGKILL (`kill`) or stops answering (`hang`) right after it
-# logs `STEP STREAM` (every rank calls Logger.log; only rank 0 writes), or after rank 0 wrote the temporary file
-# of the checkpoint of `save STEP`, before its rename
+# torchrun's worker: train_gpt2.main, except that on attempt N (TORCHELASTIC_RESTART_COUNT) the N-th stop of the
+# plan ("RANK ACTION WHERE", separated by ";") is armed: rank RANK leaves a file named after what it does and on
+# which attempt, and then kills itself with SIGKILL (`kill`) or stops answering (`hang`) right after it logs
+# `STEP STREAM` (every rank calls Logger.log; only rank 0 writes), or after rank 0 wrote the temporary file of the
+# checkpoint of `save STEP`, before its rename. Attempts past the plan's end run to the end.
 WORKER = """
 import os, signal, sys, threading, torch, logger, train_gpt2
-rank, action, where = sys.argv[1:4]
-armed = os.environ["RANK"] == rank and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+plan = [stop.split(" ", 2) for stop in sys.argv[1].split(";")]
+attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+rank, action, where = plan[attempt] if attempt < len(plan) else (None, None, None)
+armed = os.environ["RANK"] == rank
 def stop_after(real, here):
     def wrapper(*args):
         real(*args)
         if armed and here(*args):
-            open(f"{action}_rank{rank}", "w").close()
+            open(f"{action}_rank{rank}_attempt{attempt}", "w").close()
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             threading.Event().wait()
     return wrapper
 logger.Logger.log = stop_after(logger.Logger.log, lambda log, step, stream, *_: where == f"{step} {stream}")
 torch.save = stop_after(torch.save, lambda ckpt, path: where == f"save {ckpt['step']}")
-train_gpt2.main(sys.argv[4:])
+train_gpt2.main(sys.argv[2:])
 """
 
 
@@ -75,32 +78,39 @@ def oracles(tmp_path_factory):
     return oracle
 
 
-# (what, rank, where, extra flags, the step the last attempt resumes at)
+# (the stops of the first attempts: (what, rank, where, the step the next attempt starts at), extra flags).
+# One torchrun serves several stops: each restart is the next attempt, and the last one runs to the end
 CASES = [
-    ("kill", "1", "2 train", [], 0),  # before the first checkpoint: the restart starts over
-    ("kill", "1", "5 train", [], 4),  # after the checkpoint of step 4, with steps logged past it
-    ("kill", "0", "save 8", [], 4),  # in the middle of writing model_000008.pt: its .tmp is written, not renamed
-    ("kill", "0", "save 8", ["--fsdp"], 4),  # the same under FSDP, where rank 1 waits in the next collective
+    ([("kill", "1", "2 train", 0),  # before the first checkpoint: the restart starts over
+      ("kill", "1", "5 train", 4),  # after the checkpoint of step 4, with steps logged past it
+      ("kill", "0", "save 8", 4)],  # in the middle of writing model_000008.pt: its .tmp is written, not renamed
+     []),
+    ([("kill", "0", "save 8", 4)], ["--fsdp"]),  # the same under FSDP, where rank 1 waits in the next collective
     # rank 1 stops answering: rank 0 waits in the next collective, gives up after --dist_timeout and exits 1,
     # and torchrun restarts the group. 30 s: well over any wait in this tiny run, even on a loaded machine
-    ("hang", "1", "5 train", ["--dist_timeout", "30"], 4),
+    ([("hang", "1", "5 train", 4)], ["--dist_timeout", "30"]),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("action, rank, where, flags, resumed_at", CASES,
-                         ids=[f"{a} rank {r} at {w}{' ' + ' '.join(f) if f else ''}" for a, r, w, f, _ in CASES])
-def test_torchrun_restarts_a_group_with_a_dead_rank_and_ends_as_the_uninterrupted_run(
-        tmp_path, oracles, action, rank, where, flags, resumed_at):
+@pytest.mark.parametrize("stops, flags", CASES,
+                         ids=[", then ".join(f"{a} rank {r} at {w}" for a, r, w, _ in stops) + (" " + " ".join(f) if f else "")
+                              for stops, f in CASES])
+def test_torchrun_restarts_a_group_with_a_dead_rank_and_ends_as_the_uninterrupted_run(tmp_path, oracles, stops, flags):
     (tmp_path / "worker.py").write_text(WORKER)
-    rc, out, err = torchrun(TORCHRUN_2 + ["--max-restarts", "3"], ["worker.py", rank, action, where] + ARGS + flags,
-                            cwd=tmp_path)
+    plan = ";".join(f"{rank} {action} {where}" for action, rank, where, _ in stops)
+    rc, out, err = torchrun(TORCHRUN_2 + ["--max-restarts", "3"], ["worker.py", plan] + ARGS + flags, cwd=tmp_path,
+                            timeout=150 * len(stops) + 150)
     assert rc == 0, err[-3000:]
-    assert (tmp_path / f"{action}_rank{rank}").exists(), f"rank {rank} never reached {where}"
-    # one restart, and it continued from the newest complete checkpoint
-    assert out.count("starting from step 0") == (2 if resumed_at == 0 else 1)
-    assert ("resuming at step 4" in out) == (resumed_at == 4)
-    if action == "hang":
+    for attempt, (action, rank, where, _) in enumerate(stops):
+        assert (tmp_path / f"{action}_rank{rank}_attempt{attempt}").exists(), f"rank {rank} never reached {where}"
+    # one restart per stop, each continued from the newest complete checkpoint: attempt 0 starts at step 0, and
+    # attempt n + 1 where stop n left it
+    starts = [0] + [start for _, _, _, start in stops]
+    assert out.count("starting from step 0") == starts.count(0)
+    assert out.count("resuming at step 4") == starts.count(4)
+    assert len(stops) + 1 == out.count("starting from step 0") + out.count("resuming at step")
+    if any(action == "hang" for action, _, _, _ in stops):
         assert "error: rank 0: " in err and "--dist_timeout 30" in err, err[-3000:]
     oracle = oracles("--fsdp" in flags)
     assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(oracle))  # no .tmp left behind

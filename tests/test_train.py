@@ -27,6 +27,17 @@ def run_script(args, cwd, launcher=None, timeout=300):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def main_1_thread(args):
+    """main(args) in this process with run_script's thread count (OMP_NUM_THREADS=1): the thread count changes
+    the float sums, so a run here is bit for bit a subprocess's only with one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def read_log(path, stream):
     rows = [line.split() for line in open(path)]
     return {int(step): float(value) for step, s, value in rows if s == stream}
@@ -280,12 +291,12 @@ train_gpt2.main(sys.argv[2:])
 
 
 @pytest.mark.slow
-def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_path):
+def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--checkpoint_interval", "4",
                    "--eval_interval", "3", "--log_dir", "run"]
     (tmp_path / "full").mkdir()
-    r = run_script(args, cwd=tmp_path / "full")  # the oracle: the same run, never killed
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path / "full")
+    main_1_thread(args)  # the oracle: the same run, never killed (in this process: not about the process boundary)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the thread count of run_script
     # after the first line is logged; before the first checkpoint; while writing it; after it,
     # with steps logged past it; and on the last step, after the second checkpoint
@@ -295,9 +306,10 @@ def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_
                            capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == -signal.SIGKILL, f"not killed at {where}: {r.stderr}"
         assert ("starting from step 0" in r.stdout) == (0 < i <= 3)  # no model_000004.pt until the 4th run
-    r = run_script(args + ["--resume"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "resuming at step 8" in r.stdout
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    main_1_thread(args + ["--resume"])  # the last run, to the end: the same code in this process
+    assert "resuming at step 8" in capsys.readouterr().out
     assert (tmp_path / "run" / "log.txt").read_text() == (tmp_path / "full" / "run" / "log.txt").read_text()
     assert_same_weights(tmp_path / "full" / "run" / "model_000010.pt", tmp_path / "run" / "model_000010.pt")
 
@@ -313,8 +325,7 @@ def test_torchrun_two_processes_and_two_nodes_match_one_process(tmp_path):
     fixture = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
     args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--eval_interval", "5",
                    "--hellaswag", "--hellaswag_data", str(fixture)]  # HellaSwag split over ranks, then summed
-    r = run_script(args + ["--log_dir", "single"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    main_1_thread(args + ["--log_dir", str(tmp_path / "single")])  # the oracle, in this process
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     r = run_script(args + ["--log_dir", "ddp"], cwd=tmp_path,
                    launcher=torchrun + ["--standalone", "--nproc_per_node=2"])
@@ -532,10 +543,9 @@ def test_hellaswag_is_skipped_with_a_note_when_unavailable(tmp_path, capsys):
 
 
 def test_trains_on_fineweb_shards(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--input", str(ROOT / "input.txt"),
-                        "--output_dir", str(tmp_path / "shards"), "--shard_size", "100000", "--num_proc", "1"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    import fineweb  # its main, in this process (tests/test_fineweb.py runs the script itself)
+    fineweb.main(["--input", str(ROOT / "input.txt"), "--output_dir", str(tmp_path / "shards"), "--shard_size",
+                  "100000", "--num_proc", "1"])
     main(TINY + ["--data", str(tmp_path / "shards"), "--max_steps", "3", "--log_dir", str(tmp_path / "log")])
     train = read_log(tmp_path / "log" / "log.txt", "train")
     assert len(train) == 3 and all(math.isfinite(v) for v in train.values())
@@ -700,8 +710,7 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_muon_torchrun_two_processes_match_one_process(tmp_path):
     args = TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "8", "--eval_interval", "4"]
-    r = run_script(args + ["--log_dir", "single"], cwd=tmp_path)  # accum 2
-    assert r.returncode == 0, r.stderr
+    main_1_thread(args + ["--log_dir", str(tmp_path / "single")])  # accum 2; the oracle, in this process
     r = run_script(args + ["--log_dir", "ddp"], cwd=tmp_path,  # accum 1 on each of 2 ranks
                    launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
     assert r.returncode == 0, r.stderr
