@@ -36,7 +36,7 @@ def on_every_rank(fn, distributed):
         dist.all_gather_object(errors, error)
         error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
     if error:
-        raise UsageError(error)
+        raise UsageError(error, every_rank=True)
     return result
 
 
@@ -52,5 +52,5 @@ def on_rank_0(fn, distributed):
     if distributed:
         dist.broadcast_object_list(box, src=0)
     if box[1]:
-        raise UsageError(box[1])
+        raise UsageError(box[1], every_rank=True)
     return box[0]

@@ -1041,7 +1041,7 @@ def main(argv=None):
             for text in sample_text(model, sample_cfg, seed=cfg.seed, device=device):
                 print(f"{text}\n{'-' * 40}")
     except UsageError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(1 if e.every_rank and int(os.environ.get("RANK", 0)) else f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def test_hellaswag_missing_on_one_rank_is_skipped_by_every_rank(tmp_path, flags)
 def test_data_missing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     r = torchrun(tmp_path, ARGS + ["--log_dir", "run"], env={"LOST": "train_gpt2.find_data"})
     assert r.returncode != 0
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: rank 1: no such file on rank 1's disk"] * 2, r.stderr
+    # every rank stops; rank 0 alone says why
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert errors == ["error: rank 1: no such file on rank 1's disk"], r.stderr
     assert not (tmp_path / "run").exists()
 
 
