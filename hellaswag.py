@@ -2,7 +2,8 @@
 HellaSwag (Zellers et al. 2019) in completion style: the model reads a context and we ask which of
 4 endings it finds least surprising. `acc` picks the ending with the lowest summed cross-entropy,
 `acc_norm` the lowest mean per token; OpenAI's GPT-2 124M scores acc_norm 0.2955, GPT-3 124M 0.337.
-The same evaluate() runs inside train_gpt2.py every eval interval. Importing this file runs nothing.
+The same evaluate() runs inside train_gpt2.py every eval interval (evaluate_ranks). Importing this file
+runs nothing.
 
     python hellaswag.py -m gpt2                                   # the baseline to beat
     python hellaswag.py -m log/model_019073.pt --data path/to/hellaswag_val.jsonl
@@ -24,10 +25,12 @@ import urllib.request
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from devices import resolve_device, resolve_precision
+from ranks import on_every_rank
 from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model
 
 SPLITS = ("train", "val", "test")
@@ -224,6 +227,35 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     bar.close()
     model.train(was_training)
     return num_examples, num_correct, num_correct_norm
+
+
+# -----------------------------------------------------------------------------
+# during a training run
+
+
+def load_for_run(data, block_size, master, distributed):
+    """The val examples that fit block_size on every rank, or None on every rank if any rank lacks them."""
+    try:
+        examples = on_every_rank(lambda: load_examples("val", data=data), distributed)
+    except UsageError as e:
+        if master:
+            print(f"HellaSwag skipped: {e}", flush=True)
+        return None
+    examples, note = fit_to_block(examples, block_size)
+    if note and master:
+        print(note, flush=True)
+    return examples or None
+
+
+def evaluate_ranks(raw_model, examples, rank, world, device, precision, distributed):
+    """(correct by acc_norm, examples) over all ranks, each scoring its share with the uncompiled model."""
+    with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
+        n, _, n_norm = evaluate(raw_model, examples, device, rank=rank, world_size=world,
+                                autocast_dtype=precision.autocast_dtype)
+    counts = torch.tensor([n_norm, n], dtype=torch.long, device=device)
+    if distributed:
+        dist.all_reduce(counts)
+    return tuple(counts.tolist())
 
 
 # -----------------------------------------------------------------------------

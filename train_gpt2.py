@@ -1,14 +1,15 @@
 """
-GPT-2 (124M) from scratch: the model, OpenAI's weights, the data loader, the optimizer and the
-training loop, in the order the data flows. Importing this file runs nothing; `main()` does.
+GPT-2 (124M) from scratch, in the order the data flows: the tokenizer, the model and OpenAI's weights, the
+data loader, the optimizer, the step, evaluation, checkpoints and the loop. Importing this file runs nothing.
 
     python train_gpt2.py --preset shakespeare                  # small GPT on a laptop CPU
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # GPT-2 124M on FineWeb-Edu 10B
     python train_gpt2.py --init_from gpt2 --sample --prompt "Hello, I'm a language model,"
     python train_gpt2.py --init_from log/model_019073.pt --export gpt2_hf
 
-Every flag is a field of GPTConfig, TrainConfig or SampleConfig below, where the defaults and their
-reasons are; a --preset sets several at once and explicit flags override it.
+Every flag is a field of GPTConfig, TrainConfig or SampleConfig, with its default and reason; a --preset sets
+several at once and explicit flags override it. The machinery beside it is in devices.py, memory_plan.py,
+run_checks.py, ranks.py, logger.py, muon.py and hf_export.py.
 """
 
 import argparse
@@ -602,33 +603,6 @@ def batch_loss(model, x, y, autocast):
         return model(x, y)[1].detach()
 
 
-def load_hellaswag(cfg, block_size, master, distributed):
-    """The HellaSwag examples that fit block_size on every rank, or None on all if any rank lacks them."""
-    if not cfg.hellaswag:
-        return None
-    import hellaswag
-    try:
-        examples = on_every_rank(lambda: hellaswag.load_examples("val", data=cfg.hellaswag_data), distributed)
-    except UsageError as e:
-        if master:
-            print(f"HellaSwag skipped: {e}", flush=True)
-        return None
-    examples, note = hellaswag.fit_to_block(examples, block_size)
-    if note and master:
-        print(note, flush=True)
-    return examples or None
-
-
-def evaluate_hellaswag(raw_model, examples, rank, world, device, precision, distributed):
-    """(correct by acc_norm, examples) over all ranks, each scoring its share with the uncompiled model."""
-    import hellaswag  # imported here: hellaswag.py imports this file
-    with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
-        n, _, n_norm = hellaswag.evaluate(raw_model, examples, device, rank=rank, world_size=world,
-                                          autocast_dtype=precision.autocast_dtype)
-    counts = all_reduce(torch.tensor([n_norm, n], dtype=torch.long, device=device), distributed)
-    return tuple(counts.tolist())
-
-
 # -----------------------------------------------------------------------------
 # checkpoints and resuming
 
@@ -780,7 +754,8 @@ def grad_accum_steps(cfg, world):
 
 
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
-    from memory_plan import check_memory, gib  # here: memory_plan imports this file for GPT
+    import hellaswag  # here: hellaswag.py and memory_plan.py import this file
+    from memory_plan import check_memory, gib
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     # first: --compile where it cannot run is an error
@@ -814,7 +789,9 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     train_loader, val_loader = on_every_rank(lambda: (
         DataLoader(train_shards, T, raw_model.config.vocab_size, cfg.seed, cfg.shuffle),
         DataLoader(val_shards, T, raw_model.config.vocab_size, shuffle=False)), distributed)
-    hella_examples = load_hellaswag(cfg, raw_model.config.block_size, master, distributed)
+    block_size = raw_model.config.block_size
+    hella_examples = hellaswag.load_for_run(cfg.hellaswag_data, block_size, master, distributed) \
+        if cfg.hellaswag else None
     # val runs the step's model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
     model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer,
@@ -853,8 +830,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
             log.print(f"step {step:5d} | val loss {val_loss:.4f}")
             log.log(step, "val", val_loss, ".4f")
             if hella_examples is not None:
-                correct, total = evaluate_hellaswag(raw_model, hella_examples, rank, world, device, precision,
-                                                    distributed)
+                correct, total = hellaswag.evaluate_ranks(raw_model, hella_examples, rank, world, device,
+                                                          precision, distributed)
                 log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}")
                 log.log(step, "hella", correct / total, ".4f")
         # under FSDP every rank samples (the same text: one seed), as every forward needs all of them

@@ -229,6 +229,17 @@ def test_every_rank_runs_the_same_number_of_val_and_hellaswag_forwards(tmp_path)
         assert whole == pytest.approx(model(x, y)[1].item(), abs=1e-6)
 
 
+def test_a_family_preset_trains_on_its_recipe_at_a_tiny_shape(tmp_path, capsys):
+    # what bench/gpu_check.py's medium check runs on a GPU: the preset's flags, the shape made tiny
+    shape = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--batch_size", "4",
+             "--seq_len", "64", "--total_batch_size", "512", "--val_tokens", "640"]
+    main(["--preset", "gpt2-medium", "--data", str(ROOT / "input.txt"), "--max_steps", "2", "--no-hellaswag",
+          "--log_dir", str(tmp_path / "medium"), *shape])
+    out = capsys.readouterr().out
+    assert sorted(read_log(tmp_path / "medium" / "log.txt", "train")) == [0, 1]
+    assert f"lr {3e-4 / 700:.4e}" in out and f"lr {2 * 3e-4 / 700:.4e}" in out  # gpt2-medium's warmup to 3e-4
+
+
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_family_presets_have_transformers_parameter_counts(preset):
     model_cfg, cfg, _, _ = parse_args(["--preset", preset])
