@@ -826,7 +826,9 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     for step in range(start_step, cfg.max_steps):
         last = step == cfg.max_steps - 1
         if step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate_val(model, val_loader, cfg, rank, world, device, autocast, distributed)
+            # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs first
+            val_model = model if use_compile else raw_model
+            val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast, distributed)
             log.print(f"step {step:5d} | val loss {val_loss:.4f}")
             log.log(step, "val", val_loss, ".4f")
             if hella_examples is not None:
