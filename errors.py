@@ -1,4 +1,4 @@
-"""The one error type of every script here: bad input from the user, printed as one line that names the fix."""
+"""The one error type of every script here: bad input, printed as one line that names the fix."""
 
 
 class UsageError(Exception):
