@@ -8,8 +8,8 @@ data loader, the optimizer, the step, evaluation, checkpoints and the loop. Impo
     python train_gpt2.py --init_from log/model_019073.pt --export gpt2_hf
 
 Every flag is a field of GPTConfig, TrainConfig or SampleConfig, with its default and reason; a --preset sets
-several at once and explicit flags override it. The machinery beside it is in devices.py, memory_plan.py,
-run_checks.py, ranks.py, logger.py, muon.py and hf_export.py.
+several at once (presets.py) and explicit flags override it. The machinery beside it is in devices.py,
+memory_plan.py, run_checks.py, ranks.py, logger.py, muon.py and hf_export.py.
 """
 
 import argparse
@@ -43,11 +43,10 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_device, resolve_precision
 from errors import UsageError
 from logger import Logger
+from presets import PRESETS
 from ranks import attempt_store, on_every_rank, on_rank_0
 from run_checks import (check_config, check_resume, check_same_data, check_shape, data_identity,
                         find_checkpoint, find_run)
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -736,9 +735,12 @@ def train(cfg, model_cfg, sample_cfg, given=()):
         # a rank died or hung (NCCL: a DistError; gloo: a RuntimeError naming its source): exit 1
         if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
             raise
-        raise UsageError(f"rank {rank}: another rank died or did not answer within --dist_timeout "
-                         f"{cfg.dist_timeout} s ({str(e).splitlines()[0]}); with torchrun --max-restarts and "
-                         "--resume the run goes on from its last checkpoint") from None
+        print(f"error: rank {rank}: another rank died or did not answer within --dist_timeout "
+              f"{cfg.dist_timeout} s ({str(e).splitlines()[0]}); with torchrun --max-restarts and --resume "
+              "the run goes on from its last checkpoint", file=sys.stderr, flush=True)
+        # exit now: freeing DDP's Reducer joins gloo's worker thread, which can wait on our GIL: a deadlock
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -942,41 +944,6 @@ class SampleConfig:
     temperature: float = 1.0
     top_k: int = 50
     export: str = None  # write --init_from (or the newest checkpoint) as a transformers folder and exit
-
-
-# The GPT-2 family with llm.c's recipes and GPT-3's table 2.1 (docs/family.md): FineWeb-Edu sample-100BT, and
-# the micro-batch that fits an 80 GB GPU under DDP
-FAMILY_DATA = "edu_fineweb100B"
-
-
-# Tiny Shakespeare, shipped
-SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")
-
-
-PRESETS = {
-    "gpt2": {},  # 124M: the defaults are its recipe (GPT-3 Small's lr and batch, 10B tokens)
-    # 350M: llm.c's run, 31.5B tokens, cosine to 0
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr=0.0, warmup_steps=700,
-                        max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium"),
-    # 774M: llm.c's lr, and XL's 32B tokens (llm.c ran 150B, more than sample-100BT holds)
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, min_lr=0.0, warmup_steps=700,
-                       max_steps=61035, batch_size=16, data=FAMILY_DATA, log_dir="log_gpt2-large"),
-    # 1558M: llm.c's 24-hour run on one 8xH100 node, 33.6B tokens
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
-                    total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
-    # OpenAI's 124M fine-tuned on Tiny Shakespeare as nanoGPT's finetune_shakespeare.py: a constant lr of 3e-5
-    "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE, log_dir="log_shakespeare_finetune",
-                                 batch_size=8, total_batch_size=32768, max_lr=3e-5, min_lr=3e-5,
-                                 warmup_steps=0, max_steps=20, eval_interval=5, val_tokens=32768,
-                                 sample_interval=5, checkpoint_interval=10, hellaswag=False, prompt="ROMEO:",
-                                 max_new_tokens=48),
-    # a small GPT on the shipped Tiny Shakespeare: a few minutes on a 2-core laptop CPU
-    "shakespeare": dict(data=SHAKESPEARE,
-                        log_dir="log_shakespeare", n_layer=6, n_head=4, n_embd=128, block_size=128,
-                        batch_size=16, seq_len=128, total_batch_size=4096, max_lr=2e-3, warmup_steps=20,
-                        max_steps=250, eval_interval=25, val_tokens=16384, sample_interval=50,
-                        checkpoint_interval=50, hellaswag=False, prompt="\n", max_new_tokens=48),
-}
 
 
 def parse_args(argv=None):
