@@ -262,7 +262,7 @@ def evaluate_ranks(raw_model, examples, rank, world, device, precision, distribu
 # command line
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", default="gpt2",
@@ -276,7 +276,7 @@ def main():
     parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         examples = load_examples(args.split, args.data, args.limit)  # before the model: bad data fails fast
         device = resolve_device(args.device)

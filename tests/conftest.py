@@ -1,5 +1,9 @@
+import contextlib
+import io
 import os
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,3 +20,17 @@ def shared_data():
     if not SHARED.is_dir():
         pytest.skip(f"needs the real data in {SHARED} (not part of the repository)")
     return SHARED
+
+
+def run_main(main, args):
+    """A script's main(args) in this process, as its command line would end: (returncode, stdout, stderr). For
+    the tests where the process boundary is not the point: the same code, without a fresh interpreter's imports."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:  # as the interpreter ends: a string is printed to stderr, with exit code 1
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
+from conftest import run_main
 from train_gpt2 import EOT, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,9 +23,12 @@ DOCS = [SHAKESPEARE[:60_000], "", "naïve café, 日本語, emoji 🙂\r\nand a 
         SHAKESPEARE[60_000:61_000], SHAKESPEARE[100_000:180_000], "x", "", SHAKESPEARE[-5_000:]]
 
 
-def fineweb_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, str(ROOT / "fineweb.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+def fineweb_cli(*args, process=False):
+    """fineweb.py's command line; in this process (run_main) unless the process boundary is the point."""
+    if process:
+        return subprocess.run([sys.executable, str(ROOT / "fineweb.py"), *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+    return run_main(fineweb.main, args)
 
 
 def make_shards(out, *args):
@@ -260,7 +264,9 @@ def test_bad_input_gives_one_line_error_and_no_shard(tmp_path, case):
     pq.write_table(pa.table({"content": ["x"]}), tmp_path / "other.parquet")
     args, words = BAD_INPUTS[case]
     out = tmp_path / "out"
-    r = fineweb_cli(*[a.format(tmp=tmp_path) for a in args], "--output_dir", out, "--prefix", "t")
+    # one case through a real process: exactly one line on its stderr, nothing else printed
+    r = fineweb_cli(*[a.format(tmp=tmp_path) for a in args], "--output_dir", out, "--prefix", "t",
+                    process=case == "missing file")
     assert_refused(r, out, *words)
 
 

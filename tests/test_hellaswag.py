@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
+from conftest import run_main
 from train_gpt2 import GPT, GPT2_VOCAB, UsageError, get_tokenizer, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +80,11 @@ def counts(scores, examples):
     return len(examples), correct, correct_norm
 
 
-def run_cli(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, "hellaswag.py", *args], cwd=cwd, env=env,
+def run_cli(*args, cwd=None, env=None):
+    """hellaswag.py's command line: in this process (run_main), or in a process of its own in cwd with env."""
+    if cwd is None and env is None:
+        return run_main(hellaswag.main, args)
+    return subprocess.run([sys.executable, "hellaswag.py", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -218,6 +222,8 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     for name, fragment in (("no-such-model", "unknown model"), (str(not_gpt2), "not a GPT-2"), (str(junk), "corrupt")):
         assert_one_line_error(run_cli("-m", name, "--data", str(FIXTURE), "-d", "cpu"), fragment)
+    # and once through a real process: its stderr is that one line and nothing else
+    assert_one_line_error(run_cli("-m", "no-such-model", "--data", str(FIXTURE), "-d", "cpu", cwd=ROOT), "unknown")
 
 
 def test_offline_without_data_says_which_data_to_pass(tmp_path):
