@@ -34,9 +34,6 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -557,7 +554,7 @@ def clip_grad_norm(params, max_norm):
     """The gradient norm before clipping, a plain tensor (under FSDP clip_grad_norm_ gives a DTensor)."""
     # 0: off (max_norm 0 would zero the grads)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor: gathered
 
 
 def step_skipped(loss, norm, scaler, step, log_dir):
@@ -608,8 +605,9 @@ def batch_loss(model, x, y, autocast):
 
 def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scaler=None):
     """Called on every rank (under FSDP the gathers are collectives); rank 0 writes."""
-    if isinstance(raw_model, FSDPModule):
+    if cfg.fsdp:
         # the whole state, gathered a tensor at a time onto rank 0's CPU: one file for any sharding
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state, optimizer_state = get_state_dict(raw_model, optimizer, options=full)
     else:
@@ -698,12 +696,13 @@ def build_model(cfg, model_cfg, given, ckpt):
     return model
 
 
-def restore_state(ckpt, raw_model, optimizer, device, scaler=None):
+def restore_state(ckpt, raw_model, optimizer, device, scaler=None, fsdp=False):
     """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
     state = ckpt["optimizer"]
     # under FSDP each rank keeps its shards; a state-less checkpoint (fp16, no step taken yet) loads as is, as
     # DCP would give it zero moments at step 1
-    if isinstance(raw_model, FSDPModule) and state["state"]:
+    if fsdp and state["state"]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(raw_model, optimizer, by_name(state, raw_model, optimizer),
                                  options=StateDictOptions(full_state_dict=True))
     else:
@@ -799,7 +798,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer,
                                     cfg.muon_lr, cfg.muon_momentum, cfg.muon_split_qkv)
     hypers = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    start_step = restore_state(ckpt, raw_model, optimizer, device, scaler) if ckpt else 0
+    start_step = restore_state(ckpt, raw_model, optimizer, device, scaler, cfg.fsdp) if ckpt else 0
     for group, h in zip(optimizer.param_groups, hypers):
         # load_state_dict brought back the checkpoint's weight_decay, lr...: the command line wins
         group.update(h)

@@ -38,15 +38,32 @@ def torchrun(tmp_path, args, env=None):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_hellaswag_missing_on_one_rank_is_skipped_by_every_rank(tmp_path, flags):
-    r = torchrun(tmp_path, ARGS + ["--log_dir", "run"] + flags, env={"LOST": "hellaswag.load_examples"})
+@pytest.fixture(scope="module")
+def compiled_ddp(tmp_path_factory):
+    """One compiled 2-rank DDP run, read by two tests: rank 1 cannot read HellaSwag, and dynamo logs its graphs."""
+    tmp = tmp_path_factory.mktemp("compiled_ddp")
+    r = torchrun(tmp, ARGS + ["--log_dir", "run", "--compile"],
+                 env={"LOST": "hellaswag.load_examples", "TORCH_LOGS": "ddp_graphs"})
+    return tmp, r
+
+
+def assert_hellaswag_skipped(r, log):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("HellaSwag skipped: rank 1: no such file on rank 1's disk") == 1, r.stdout
-    log = tmp_path / "run" / "log.txt"
     assert sorted(read_log(log, "train")) == [0, 1] and sorted(read_log(log, "val")) == [0, 1]
     assert not read_log(log, "hella")
+
+
+@pytest.mark.slow
+def test_hellaswag_missing_on_one_rank_is_skipped_by_every_rank_under_ddp(compiled_ddp):
+    tmp, r = compiled_ddp
+    assert_hellaswag_skipped(r, tmp / "run" / "log.txt")
+
+
+@pytest.mark.slow
+def test_hellaswag_missing_on_one_rank_is_skipped_by_every_rank_under_fsdp(tmp_path):
+    r = torchrun(tmp_path, ARGS + ["--log_dir", "run", "--fsdp"], env={"LOST": "hellaswag.load_examples"})
+    assert_hellaswag_skipped(r, tmp_path / "run" / "log.txt")
 
 
 @pytest.mark.slow
@@ -59,16 +76,24 @@ def test_data_missing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [[], ["--recompute"]], ids=["plain", "recompute"])
-def test_ddps_compiled_step_is_split_at_its_buckets_though_val_runs_first(tmp_path, flags):
-    # dynamo's DDPOptimizer splits a graph at DDP's bucket boundaries, so that each bucket's all-reduce overlaps
-    # the rest of the backward, only when it compiles the graph inside DDP's forward; step 0's val comes first
-    r = torchrun(tmp_path, ARGS + ["--log_dir", "run", "--compile", "--no-hellaswag"] + flags,
-                 env={"TORCH_LOGS": "ddp_graphs"})
+def assert_split_once_per_rank(r):
     assert r.returncode == 0, r.stderr
     for rank in (0, 1):
         logged = [line for line in r.stderr.splitlines() if line.startswith(f"[rank{rank}]:")]
         assert sum("---split graph---" in line for line in logged) == 1, r.stderr[-3000:]
         assert any("---submod_1 graph---" in line for line in logged)  # at least two pieces
+
+
+# dynamo's DDPOptimizer splits a graph at DDP's bucket boundaries, so that each bucket's all-reduce overlaps the
+# rest of the backward, only when it compiles the graph inside DDP's forward; step 0's val comes first
+@pytest.mark.slow
+def test_ddps_compiled_step_is_split_at_its_buckets_though_val_runs_first(compiled_ddp):
+    assert_split_once_per_rank(compiled_ddp[1])
+
+
+@pytest.mark.slow
+def test_ddps_compiled_step_with_recompute_is_split_at_its_buckets_too(tmp_path):
+    r = torchrun(tmp_path, ARGS + ["--log_dir", "run", "--compile", "--no-hellaswag", "--recompute"],
+                 env={"TORCH_LOGS": "ddp_graphs"})
+    assert_split_once_per_rank(r)
     assert sorted(read_log(tmp_path / "run" / "log.txt", "train")) == [0, 1]
