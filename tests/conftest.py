@@ -1,6 +1,7 @@
 import contextlib
 import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,3 +35,14 @@ def run_main(main, args):
             if isinstance(e.code, str):
                 print(e.code, file=sys.stderr)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """The README's quickstart command, cut to 4 steps, run once as a user runs it: (its folder, the result)."""
+    folder = tmp_path_factory.mktemp("quickstart")
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--preset", "shakespeare", "--max_steps", "4",
+                        "--eval_interval", "2", "--val_tokens", "2048"], cwd=folder, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return folder, r
