@@ -5,8 +5,6 @@ its tokenizer gives tiktoken's ids, its greedy generation is our --sample's, and
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch

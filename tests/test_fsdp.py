@@ -4,7 +4,6 @@ without it, on CPU with gloo; the GPT-2 family's presets against transformers' p
 """
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
