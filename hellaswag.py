@@ -25,13 +25,12 @@ import urllib.request
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from devices import resolve_device, resolve_precision
 from ranks import on_every_rank
-from train_gpt2 import GPT2_VOCAB, UsageError, get_tokenizer, load_model
+from train_gpt2 import GPT2_VOCAB, UsageError, all_reduce, get_tokenizer, load_model
 
 SPLITS = ("train", "val", "test")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -252,9 +251,7 @@ def evaluate_ranks(raw_model, examples, rank, world, device, precision, distribu
     with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
         n, _, n_norm = evaluate(raw_model, examples, device, rank=rank, world_size=world,
                                 autocast_dtype=precision.autocast_dtype)
-    counts = torch.tensor([n_norm, n], dtype=torch.long, device=device)
-    if distributed:
-        dist.all_reduce(counts)
+    counts = all_reduce(torch.tensor([n_norm, n], dtype=torch.long, device=device), distributed)
     return tuple(counts.tolist())
 
 

@@ -98,7 +98,7 @@ def test_fsdp_checkpoint_resumes_exactly_under_fsdp_and_on_one_process(runs, tmp
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, capsys, monkeypatch):
+def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, capsys):
     tmp, _ = runs
     fsdp_ckpt, single_ckpt = tmp / "fsdp" / "model_000008.pt", tmp / "single" / "model_000008.pt"
     idx = torch.randint(0, GPT2_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -108,8 +108,7 @@ def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, ca
     scores = []
     capsys.readouterr()
     for ckpt in (fsdp_ckpt, single_ckpt):  # hellaswag.py's main, in this process
-        monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", str(ckpt), "--data", str(FIXTURE)])
-        hellaswag.main()
+        hellaswag.main(["-m", str(ckpt), "--data", str(FIXTURE)])
         scores.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
     fits = len(hellaswag.fit_to_block(hellaswag.load_examples(data=FIXTURE), 32)[0])  # TINY's block_size
     assert scores[0] == scores[1] and scores[0]["examples"] == fits
