@@ -1,8 +1,16 @@
 import contextlib
 import io
+import multiprocessing
+import multiprocessing.connection
 import os
+import runpy
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,3 +54,78 @@ def quickstart(tmp_path_factory):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     return folder, r
+
+
+# The forked ranks' server imports what every run imports, once a session; each rank is a fork of it
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["conftest", "train_gpt2", "torch._dynamo", "hellaswag", "memory_plan",
+                                   "torch.distributed.fsdp", "torch.distributed.checkpoint.state_dict"])
+
+
+def _rank(script, args, cwd, env, out, err):
+    """One rank: `python script args` in cwd with env, its stdout and stderr to the files out and err."""
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    import torch
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))  # read at import, too late
+    if "TORCH_LOGS" in env:
+        torch._logging._internal._init_logs()  # also read at import
+    code = 0
+    try:
+        if os.path.samefile(script, ROOT / "train_gpt2.py"):
+            import train_gpt2
+            train_gpt2.main(args)
+        else:
+            sys.argv = [str(script)] + args
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # as the interpreter ends: a string is printed to stderr, with exit code 1
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def launch(args, cwd, ranks=None, script=ROOT / "train_gpt2.py", env=None, timeout=300):
+    """`python script args` (ranks None), or `torchrun --standalone --nproc_per_node=RANKS script args`, as far as
+    the script can tell: torchrun's RANK, WORLD_SIZE and MASTER_ADDR/PORT (not its agent's store), one thread a
+    rank, the ranks' stdout and stderr each joined, and the others stopped when one fails. Each process is forked
+    from a server that has imported torch and train_gpt2: a 2-rank run starts in 0.1 s rather than torchrun's 7
+    (torchrun itself is tested where it is the point). Returns (returncode, stdout, stderr); a hang past the
+    timeout fails the test."""
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = ranks or 1
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(world)]
+        procs = []
+        for r in range(world):
+            rank_env = env if ranks is None else {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                                  "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": str(port)}
+            procs.append(FORKSERVER.Process(target=_rank, args=(str(script), [str(a) for a in args], str(cwd),
+                                                                rank_env, *files[r])))
+            procs[-1].start()
+        deadline, code, failed_at = time.monotonic() + timeout, 0, None
+        while any(p.exitcode is None for p in procs):
+            multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.1)
+            if not code and any(p.exitcode for p in procs):  # as torchrun: the first failure stops the others
+                code, failed_at = next(p.exitcode for p in procs if p.exitcode), time.monotonic()
+            if time.monotonic() > deadline or (code and time.monotonic() > failed_at + 5):  # 5 s to say why
+                for p in procs:
+                    if p.exitcode is None:
+                        os.kill(p.pid, signal.SIGKILL)
+                        p.join()
+                if not code:
+                    pytest.fail(f"still running after {timeout} s: {script} {' '.join(map(str, args))}")
+        out, err = ("".join(open(f[i]).read() for f in files) for i in (0, 1))
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)

@@ -3,15 +3,12 @@ Fine-tuning: --init_from a transformers folder (or a .pt), resumed with the same
 The pretrained model here is a tiny GPT exported to a transformers folder: OpenAI's weights need the network.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import ROOT
+from conftest import ROOT, launch
 from hf_export import export_hf
 from test_train import KILL_9, TINY, assert_same_weights, expect_error, main_1_thread, read_log
 from train_gpt2 import GPT, GPT2_VOCAB, GPTConfig, load_model, main, pad_vocab, parse_args
@@ -67,9 +64,9 @@ def test_killed_finetuning_run_resumes_with_the_same_command(pretrained, tmp_pat
     (tmp_path / "full").mkdir()
     monkeypatch.chdir(tmp_path / "full")
     main_1_thread(args)  # the oracle, in this process with the killed run's thread count
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", KILL_9, "4 train"] + args, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env=env)  # after the step-3 checkpoint, with steps logged past it
+    (tmp_path / "kill_9.py").write_text(KILL_9)
+    # killed after the step-3 checkpoint, with steps logged past it
+    r = launch(["4 train"] + args, cwd=tmp_path, script=tmp_path / "kill_9.py")
     assert r.returncode == -9, r.stderr
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()

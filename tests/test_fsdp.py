@@ -4,19 +4,17 @@ without it, on CPU with gloo; the GPT-2 family's presets against transformers' p
 """
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
-from conftest import ROOT
-from test_train import TINY, expect_error, read_log, run_script
+from conftest import ROOT, launch
+from test_train import TINY, expect_error, read_log
 from train_gpt2 import GPT, GPT2_VOCAB, DataLoader, GPTConfig, evaluate_val, load_model, main, parse_args
 
 FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # accumulation 2 on each of 2 ranks (4 in one process); 9 val sequences, so rank 0 has a val batch more than
 # rank 1, and HellaSwag split over the ranks: under FSDP a rank that runs fewer forwards would hang the others.
 # A resume at step 4 samples before any training forward.
@@ -54,7 +52,7 @@ def runs(tmp_path_factory):
     """The oracle (one process, no FSDP) and the same run with --fsdp on 2 ranks; each checkpoints at 4 and 8."""
     tmp = tmp_path_factory.mktemp("fsdp")
     main(ARGS + ["--log_dir", str(tmp / "single")])  # in process: the oracle is not about the process boundary
-    r = run_script(ARGS + ["--log_dir", "fsdp", "--fsdp"], cwd=tmp, launcher=TORCHRUN_2)  # a hang fails the timeout
+    r = launch(ARGS + ["--log_dir", "fsdp", "--fsdp"], cwd=tmp, ranks=2)  # a hang fails the timeout
     assert r.returncode == 0, r.stderr
     assert "2 process(es) on cpu (FSDP)" in r.stdout and "accum=2" in r.stdout
     return tmp, r.stdout
@@ -79,18 +77,18 @@ def test_fsdp_checkpoint_resumes_exactly_under_fsdp_and_on_one_process(runs, tmp
     tmp, _ = runs
     # FSDP -> FSDP: the gathered checkpoint, cut back into shards, continues bit for bit
     cut = cut_at_step_4(tmp / "fsdp", tmp_path / "fsdp_again")
-    r = run_script(ARGS + ["--log_dir", str(cut), "--fsdp", "--resume"], cwd=tmp_path, launcher=TORCHRUN_2)
+    r = launch(ARGS + ["--log_dir", str(cut), "--fsdp", "--resume"], cwd=tmp_path, ranks=2)
     assert r.returncode == 0, r.stderr
     assert "resuming at step 4" in r.stdout
     assert (cut / "log.txt").read_text() == (tmp / "fsdp" / "log.txt").read_text()
     assert max_weight_diff(tmp / "fsdp" / "model_000008.pt", cut / "model_000008.pt") == 0
     # FSDP on 2 ranks -> 1 process without it, and 1 process -> FSDP on 2 ranks: the oracle's steps 4-7
-    for source, flags, launcher in (("fsdp", [], None), ("single", ["--fsdp"], TORCHRUN_2)):
+    for source, flags, ranks in (("fsdp", [], None), ("single", ["--fsdp"], 2)):
         cut = cut_at_step_4(tmp / source, tmp_path / f"from_{source}")
-        if launcher is None:  # one process: in this one
+        if ranks is None:  # one process: in this one
             main(ARGS + ["--log_dir", str(cut), "--resume"])
         else:
-            r = run_script(ARGS + ["--log_dir", str(cut), "--resume"] + flags, cwd=tmp_path, launcher=launcher)
+            r = launch(ARGS + ["--log_dir", str(cut), "--resume"] + flags, cwd=tmp_path, ranks=ranks)
             assert r.returncode == 0, r.stderr
         for stream in ("train", "val"):
             assert max_log_diff(tmp / "single" / "log.txt", cut / "log.txt", stream) <= 1e-5, (source, stream)
@@ -124,8 +122,7 @@ def test_fsdp_checkpoint_loads_in_hellaswag_sample_and_export(runs, tmp_path, ca
 def test_fsdp_compiled_blocks_match_eager(runs, tmp_path):
     tmp, _ = runs
     args = ARGS + ["--max_steps", "3", "--no-hellaswag", "--sample_interval", "2", "--block_size", "64"]
-    r = run_script(args + ["--log_dir", "compiled", "--fsdp", "--compile"], cwd=tmp_path, launcher=TORCHRUN_2,
-                   timeout=900)
+    r = launch(args + ["--log_dir", "compiled", "--fsdp", "--compile"], cwd=tmp_path, ranks=2, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "compile True" in r.stdout and "sample 0:" in r.stdout  # sampling ran the compiled blocks eagerly
     main(args + ["--log_dir", str(tmp_path / "eager")])

@@ -3,8 +3,6 @@
 name the fix. Oracles: the run without --recompute, the real tensors' sizes, saved_tensors_hooks' bytes.
 """
 import contextlib
-import os
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -13,8 +11,8 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import ROOT
-from test_train import TINY, expect_error, read_log, run_script
+from conftest import ROOT, launch
+from test_train import TINY, expect_error, read_log
 import memory_plan as plan_module
 from memory_plan import memory_plan
 from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, main
@@ -87,9 +85,8 @@ def test_val_holds_one_batchs_graph_at_a_time():
 def test_recompute_under_compile_ddp_and_fsdp_matches_the_plain_run(tmp_path):
     args = TINY_RUN + ["--max_steps", "3", "--eval_interval", "2", "--total_batch_size", "512"]
     main(args + ["--log_dir", str(tmp_path / "plain")])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for name, flags, launcher in (("compiled", ["--compile"], None), ("ddp", [], torchrun), ("fsdp", ["--fsdp"], torchrun)):
-        r = run_script(args + ["--recompute", "--log_dir", name] + flags, cwd=tmp_path, launcher=launcher, timeout=900)
+    for name, flags, ranks in (("compiled", ["--compile"], None), ("ddp", [], 2), ("fsdp", ["--fsdp"], 2)):
+        r = launch(args + ["--recompute", "--log_dir", name] + flags, cwd=tmp_path, ranks=ranks, timeout=900)
         assert r.returncode == 0, r.stderr
         tol = 1e-4 if name == "compiled" else 1e-5  # compiled kernels round differently
         for stream in ("train", "val"):
@@ -153,9 +150,7 @@ dist.destroy_process_group()
 def test_plan_counts_rank_0s_fsdp_shards_exactly(tmp_path):
     script = tmp_path / "fsdp_state.py"
     script.write_text(FSDP_STATE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    r = launch([], cwd=tmp_path, ranks=2, script=script)
     assert r.returncode == 0, r.stderr
     lines = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines() if line.startswith(("PLAN", "REAL"))}
     assert lines["PLAN"] == lines["REAL"], r.stdout

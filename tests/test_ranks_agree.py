@@ -3,17 +3,13 @@ Under torchrun every rank takes the same branch wherever a branch changes which 
 compiled step is the graph dynamo split at DDP's buckets. Two gloo ranks on the CPU; a rank's own view of its
 disk is changed by a wrapper script that patches what that rank alone reads.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, launch
 from test_train import TINY, read_log
 
 FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "2", "--eval_interval", "1",
                "--hellaswag", "--hellaswag_data", str(FIXTURE)]
 # rank 1 alone fails to read what $LOST names, as a node without that file on its local disk would
@@ -30,19 +26,18 @@ train_gpt2.main()
 """
 
 
-def torchrun(tmp_path, args, env=None):
+def two_ranks(tmp_path, args, env=None):
     script = tmp_path / "rank_1_loses.py"
     script.write_text(RANK_1_LOSES)
     # a rank left waiting on a collective the other never reaches would hang: the timeout fails the test
-    return subprocess.run(TORCHRUN_2 + [str(script)] + args, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return launch(args, cwd=tmp_path, ranks=2, script=script, env=env)
 
 
 @pytest.fixture(scope="module")
 def compiled_ddp(tmp_path_factory):
     """One compiled 2-rank DDP run, read by two tests: rank 1 cannot read HellaSwag, and dynamo logs its graphs."""
     tmp = tmp_path_factory.mktemp("compiled_ddp")
-    r = torchrun(tmp, ARGS + ["--log_dir", "run", "--compile"],
+    r = two_ranks(tmp, ARGS + ["--log_dir", "run", "--compile"],
                  env={"LOST": "hellaswag.load_examples", "TORCH_LOGS": "ddp_graphs"})
     return tmp, r
 
@@ -62,13 +57,13 @@ def test_hellaswag_missing_on_one_rank_is_skipped_by_every_rank_under_ddp(compil
 
 @pytest.mark.slow
 def test_hellaswag_missing_on_one_rank_is_skipped_by_every_rank_under_fsdp(tmp_path):
-    r = torchrun(tmp_path, ARGS + ["--log_dir", "run", "--fsdp"], env={"LOST": "hellaswag.load_examples"})
+    r = two_ranks(tmp_path, ARGS + ["--log_dir", "run", "--fsdp"], env={"LOST": "hellaswag.load_examples"})
     assert_hellaswag_skipped(r, tmp_path / "run" / "log.txt")
 
 
 @pytest.mark.slow
 def test_data_missing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
-    r = torchrun(tmp_path, ARGS + ["--log_dir", "run"], env={"LOST": "train_gpt2.find_data"})
+    r = two_ranks(tmp_path, ARGS + ["--log_dir", "run"], env={"LOST": "train_gpt2.find_data"})
     assert r.returncode != 0
     # every rank stops; rank 0 alone says why
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
@@ -93,7 +88,7 @@ def test_ddps_compiled_step_is_split_at_its_buckets_though_val_runs_first(compil
 
 @pytest.mark.slow
 def test_ddps_compiled_step_with_recompute_is_split_at_its_buckets_too(tmp_path):
-    r = torchrun(tmp_path, ARGS + ["--log_dir", "run", "--compile", "--no-hellaswag", "--recompute"],
+    r = two_ranks(tmp_path, ARGS + ["--log_dir", "run", "--compile", "--no-hellaswag", "--recompute"],
                  env={"TORCH_LOGS": "ddp_graphs"})
     assert_split_once_per_rank(r)
     assert sorted(read_log(tmp_path / "run" / "log.txt", "train")) == [0, 1]

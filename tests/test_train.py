@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, launch
 from train_gpt2 import (EOT, GPT, DataLoader, GPTConfig, accumulate_gradients, configure_optimizer, find_data, get_lr,
                         main, parse_args)
 
@@ -295,13 +295,12 @@ def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_
     (tmp_path / "full").mkdir()
     monkeypatch.chdir(tmp_path / "full")
     main_1_thread(args)  # the oracle: the same run, never killed (in this process: not about the process boundary)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the thread count of run_script
+    (tmp_path / "kill_9.py").write_text(KILL_9)
     # after the first line is logged; before the first checkpoint; while writing it; after it,
     # with steps logged past it; and on the last step, after the second checkpoint
     kills = ["0 val", "2 train", "save 4", "6 val", "9 val"]
     for i, where in enumerate(kills):
-        r = subprocess.run([sys.executable, "-c", KILL_9, where] + args + (["--resume"] if i else []), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300, env=env)
+        r = launch([where] + args + (["--resume"] if i else []), cwd=tmp_path, script=tmp_path / "kill_9.py")
         assert r.returncode == -signal.SIGKILL, f"not killed at {where}: {r.stderr}"
         assert ("starting from step 0" in r.stdout) == (0 < i <= 3)  # no model_000004.pt until the 4th run
     monkeypatch.chdir(tmp_path)
@@ -356,7 +355,7 @@ def test_compiled_run_with_val_hellaswag_and_samples(tmp_path):
     args = TINY + ["--block_size", "256", "--data", str(ROOT / "input.txt"), "--max_steps", "3",
                    "--eval_interval", "2", "--compile", "--hellaswag", "--hellaswag_data", str(fixture),
                    "--sample_interval", "2", "--log_dir", "log"]
-    r = run_script(args, cwd=tmp_path, timeout=900)
+    r = launch(args, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "compile True" in r.stdout
     log = tmp_path / "log" / "log.txt"
@@ -709,8 +708,7 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
 def test_muon_torchrun_two_processes_match_one_process(tmp_path):
     args = TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "8", "--eval_interval", "4"]
     main_1_thread(args + ["--log_dir", str(tmp_path / "single")])  # accum 2; the oracle, in this process
-    r = run_script(args + ["--log_dir", "ddp"], cwd=tmp_path,  # accum 1 on each of 2 ranks
-                   launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    r = launch(args + ["--log_dir", "ddp"], cwd=tmp_path, ranks=2)  # accum 1 on each of 2 ranks
     assert r.returncode == 0, r.stderr
     assert "2 process(es)" in r.stdout and "accum=1" in r.stdout
     for stream in ("train", "val"):
@@ -722,7 +720,7 @@ def test_muon_torchrun_two_processes_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_muon_compiled_run_matches_eager(tmp_path):
     args = TINY + MUON + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--eval_interval", "2"]
-    r = run_script(args + ["--compile", "--log_dir", "compiled"], cwd=tmp_path, timeout=900)
+    r = launch(args + ["--compile", "--log_dir", "compiled"], cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "compile True" in r.stdout
     main(args + ["--log_dir", str(tmp_path / "eager")])
