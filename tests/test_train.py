@@ -319,7 +319,8 @@ def free_port():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_and_two_nodes_match_one_process(tmp_path):
-    fixture = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+    fixture = tmp_path / "hellaswag_21.jsonl"  # 11 examples on rank 0, 10 on rank 1
+    fixture.write_text("".join(open(ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl").readlines()[:21]))
     args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--eval_interval", "5",
                    "--hellaswag", "--hellaswag_data", str(fixture)]  # HellaSwag split over ranks, then summed
     main_1_thread(args + ["--log_dir", str(tmp_path / "single")])  # the oracle, in this process
