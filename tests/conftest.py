@@ -109,9 +109,9 @@ def launch(args, cwd, ranks=None, script=ROOT / "train_gpt2.py", env=None, timeo
         files = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(world)]
         procs = []
         for r in range(world):
-            rank_env = env if ranks is None else {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                                                  "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                                                  "MASTER_PORT": str(port)}
+            rank_env = env if ranks is None else {**env, "RANK": str(r), "LOCAL_RANK": str(r),
+                                                  "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+                                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(FORKSERVER.Process(target=_rank, args=(str(script), [str(a) for a in args], str(cwd),
                                                                 rank_env, *files[r])))
             procs[-1].start()

@@ -20,6 +20,7 @@ from test_train import TINY
 from train_gpt2 import EOT, GPT2_VOCAB, UsageError, get_tokenizer, load_model, main
 
 FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+FIXTURE_33 = ROOT / "tests" / "fixtures" / "hellaswag_val_33.jsonl"  # its first 33
 
 
 def read_log(path, stream):
@@ -30,8 +31,8 @@ def read_log(path, stream):
 def run(tmp_path_factory):
     """A tiny model trained 3 steps on input.txt, a checkpoint and val + HellaSwag in log.txt after every step."""
     log = tmp_path_factory.mktemp("run") / "log"
-    main(TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--log_dir", str(log),
-                 "--eval_interval", "1", "--checkpoint_interval", "1", "--hellaswag", "--hellaswag_data", str(FIXTURE)])
+    main(TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "3", "--log_dir", str(log), "--eval_interval", "1",
+                 "--checkpoint_interval", "1", "--hellaswag", "--hellaswag_data", str(FIXTURE_33)])
     return log
 
 

@@ -15,12 +15,14 @@ from test_train import TINY, expect_error, read_log
 from train_gpt2 import GPT, GPT2_VOCAB, DataLoader, GPTConfig, evaluate_val, load_model, main, parse_args
 
 FIXTURE = ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl"
+FIXTURE_33 = ROOT / "tests" / "fixtures" / "hellaswag_val_33.jsonl"  # its first 33
 # accumulation 2 on each of 2 ranks (4 in one process); 9 val sequences, so rank 0 has a val batch more than
-# rank 1, and HellaSwag split over the ranks: under FSDP a rank that runs fewer forwards would hang the others.
+# rank 1, and HellaSwag's 33 examples split over the ranks, 17 (two forwards of 16) and 16 (one): under FSDP a
+# rank that runs fewer forwards would hang the others.
 # A resume at step 4 samples before any training forward.
 ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--total_batch_size", "512", "--max_steps", "8",
                "--eval_interval", "3", "--val_tokens", "288", "--checkpoint_interval", "4", "--hellaswag",
-               "--hellaswag_data", str(FIXTURE), "--sample_interval", "4"]
+               "--hellaswag_data", str(FIXTURE_33), "--sample_interval", "4"]
 
 
 def weights(path):
