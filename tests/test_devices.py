@@ -4,7 +4,6 @@ bench/gpu_check.py, which a GPU session runs for real, runs here on the CPU with
 """
 import contextlib
 import re
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from transformers import GPT2LMHeadModel
 
 import hellaswag
 import train_gpt2
-from conftest import ROOT
+from conftest import ROOT, launch
 from devices import resolve_device
 from train_gpt2 import GPT, GPTConfig, UsageError, main, setup_distributed
 
@@ -98,16 +97,15 @@ def test_gpu_check_passes_on_cpu_with_a_tiny_model_and_skips_what_it_is_told():
     # bench/gpu_check.py is what a GPU session runs first; here it runs on the CPU so that it cannot rot between
     # GPU sessions: every check but medium, which --skip leaves out as a short GPU slot would (its preset's
     # flags run in tests/test_fsdp.py)
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                        "--skip", "medium"], capture_output=True, text=True, timeout=600)
+    gpu_check = ROOT / "bench" / "gpu_check.py"
+    r = launch(["--device", "cpu", "--tiny", "--skip", "medium"], cwd=ROOT, script=gpu_check, timeout=600)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0, r.stdout + r.stderr
     assert lines[-1] == "9 passed, 0 failed, 1 skipped", r.stdout
     assert [line.split()[:2] for line in lines if line.startswith(("PASS", "SKIP", "FAIL"))] == \
         [["PASS", name] if name != "medium" else ["SKIP", name] for name in
          ["train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag"]]
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--skip", "train"],
-                       capture_output=True, text=True, timeout=120)
+    r = launch(["--device", "cpu", "--skip", "train"], cwd=ROOT, script=gpu_check, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().startswith("error: --skip train: it takes checks among")
 
 
@@ -143,9 +141,8 @@ def test_fused_linear_cross_entropy_equals_the_models_loss_and_gradients(dtype):
 def test_bench_train_runs_every_lever_with_the_same_losses_on_cpu():
     # bench/bench_train.py is the GPU session's second run; here its levers must build, and from the same init
     # on the same batches give the flash variant's losses: cudnn+fusedce wraps the model in both levers' code
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--device", "cpu", "--tiny",
-                        "--steps", "2", "--rounds", "1", "--loop_steps", "4",
-                        "--variants", "flash,cudnn+fusedce"], capture_output=True, text=True, timeout=600)
+    r = launch(["--device", "cpu", "--tiny", "--steps", "2", "--rounds", "1", "--loop_steps", "4",
+                "--variants", "flash,cudnn+fusedce"], cwd=ROOT, script=ROOT / "bench" / "bench_train.py", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     diffs = re.findall(r"^(\S+) vs flash: .* max \|diff\| (\S+)", r.stdout, re.M)
     assert [v for v, _ in diffs] == ["cudnn+fusedce"], r.stdout

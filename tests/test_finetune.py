@@ -66,7 +66,7 @@ def test_killed_finetuning_run_resumes_with_the_same_command(pretrained, tmp_pat
     main_1_thread(args)  # the oracle, in this process with the killed run's thread count
     (tmp_path / "kill_9.py").write_text(KILL_9)
     # killed after the step-3 checkpoint, with steps logged past it
-    r = launch(["4 train"] + args, cwd=tmp_path, script=tmp_path / "kill_9.py")
+    r = launch(["4 train"] + args, cwd=tmp_path, script=tmp_path / "kill_9.py", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == -9, r.stderr
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()

@@ -1,14 +1,11 @@
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT
+from conftest import ROOT, launch
 from hf_export import export_hf
 from train_gpt2 import EOT, GPT, GPT2_VOCAB, GPTConfig, UsageError, generate, get_tokenizer, load_model
 
@@ -155,8 +152,7 @@ def test_checkpoint_sample_and_export_from_the_command_line(tmp_path):
     model = tiny_model()
     ckpt = tmp_path / "model.pt"
     torch.save({"model": model.state_dict(), "config": vars(model.config)}, ckpt)
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *a], capture_output=True,
-                                    text=True, cwd=tmp_path, timeout=120)
+    run = lambda *a: launch(a, cwd=tmp_path, timeout=120)
     r = run("--init_from", str(ckpt), "--sample", "--prompt", "Hello", "--num_samples", "2", "--max_new_tokens", "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Hello") == 2
@@ -177,8 +173,7 @@ def test_offline_hub_name_is_a_clear_error_without_retries():
         pytest.skip("gpt2 is in this machine's HF cache, so it loads offline")
     # HF_HUB_OFFLINE=1, which the error asks for: without it huggingface_hub retries the unreachable hub (~23 s
     # where DNS fails at once) and logs each retry, before this same error
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--init_from", "gpt2", "--sample"],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = launch(["--init_from", "gpt2", "--sample"], cwd=ROOT, env={"HF_HUB_OFFLINE": "1"}, timeout=60)
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: could not load 'gpt2'")
     assert "set HF_HUB_OFFLINE=1" in r.stderr and "Retrying" not in r.stderr + r.stdout

@@ -304,7 +304,8 @@ def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_
     # with steps logged past it; and on the last step, after the second checkpoint
     kills = ["0 val", "2 train", "save 4", "6 val", "9 val"]
     for i, where in enumerate(kills):
-        r = launch([where] + args + (["--resume"] if i else []), cwd=tmp_path, script=tmp_path / "kill_9.py")
+        r = launch([where] + args + (["--resume"] if i else []), cwd=tmp_path, script=tmp_path / "kill_9.py",
+                   env={"OMP_NUM_THREADS": "1"})  # main_1_thread's thread count
         assert r.returncode == -signal.SIGKILL, f"not killed at {where}: {r.stderr}"
         assert ("starting from step 0" in r.stdout) == (0 < i <= 3)  # no model_000004.pt until the 4th run
     monkeypatch.chdir(tmp_path)

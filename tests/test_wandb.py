@@ -4,16 +4,14 @@ log_dir/wandb/offline-run-*/run-ID.wandb, read back here record by record, as `w
 """
 import glob
 import json
-import os
 import shutil
 import struct
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, launch
 from test_train import TINY, expect_error, read_log
 from train_gpt2 import main
 
@@ -138,9 +136,8 @@ def test_without_wandb_installed_the_flag_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_run_without_wandb_never_imports_it(tmp_path):
-    code = ("import sys, train_gpt2; train_gpt2.main(sys.argv[1:]); "
-            "assert 'wandb' not in sys.modules, 'wandb imported'; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code, *TINY, "--data", str(ROOT / "input.txt"), "--max_steps", "1",
-                        "--log_dir", str(tmp_path / "log")], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    (tmp_path / "run.py").write_text("import sys, train_gpt2; train_gpt2.main(sys.argv[1:]); "
+                                     "assert 'wandb' not in sys.modules, 'wandb imported'; print('ok')")
+    r = launch([*TINY, "--data", ROOT / "input.txt", "--max_steps", "1", "--log_dir", tmp_path / "log"], cwd=ROOT,
+               script=tmp_path / "run.py")
     assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stderr
