@@ -56,10 +56,12 @@ def quickstart(tmp_path_factory):
     return folder, r
 
 
-# The forked ranks' server imports what every run imports, once a session; each rank is a fork of it
+# The forked processes' server imports what the runs import (hf_export: transformers), once a session; each
+# process is a fork of it
 FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["conftest", "train_gpt2", "torch._dynamo", "torch._inductor.compile_fx", "hellaswag",
-                                   "memory_plan", "torch.distributed.fsdp", "torch.distributed.checkpoint.state_dict"])
+                                   "memory_plan", "hf_export", "torch.distributed.fsdp",
+                                   "torch.distributed.checkpoint.state_dict"])
 
 
 def _rank(script, args, cwd, env, out, err):
