@@ -59,13 +59,13 @@ def quickstart(tmp_path_factory):
 # The forked processes' server imports what the runs import (hf_export: transformers), once a session; each
 # process is a fork of it
 FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(["conftest", "train_gpt2", "torch._dynamo", "torch._inductor.compile_fx", "hellaswag",
-                                   "memory_plan", "hf_export", "torch.distributed.fsdp",
+FORKSERVER.set_forkserver_preload(["conftest", "train_gpt2", "torch._dynamo", "torch._inductor.compile_fx",
+                                   "hellaswag", "memory_plan", "hf_export", "torch.distributed.fsdp",
                                    "torch.distributed.checkpoint.state_dict"])
 
 
 def _rank(script, args, cwd, env, out, err):
-    """One rank: `python script args` in cwd with env, its stdout and stderr to the files out and err."""
+    """One process: `python script args` in cwd with env, its stdout and stderr to the files out and err."""
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.environ.clear()  # the caller's environment now, not the server's when it started
@@ -99,10 +99,10 @@ def _rank(script, args, cwd, env, out, err):
 def launch(args, cwd, ranks=None, script=ROOT / "train_gpt2.py", env=None, timeout=300):
     """`python script args` (ranks None), or `torchrun --standalone --nproc_per_node=RANKS script args`, as far as
     the script can tell: torchrun's RANK, WORLD_SIZE and MASTER_ADDR/PORT (not its agent's store), one thread a
-    rank (OMP_NUM_THREADS=1), the ranks' stdout and stderr each joined, and the others stopped when one fails. Each process is forked
-    from a server that has imported torch and train_gpt2: 10 tiny steps on 2 ranks take 2 s, against 7.5 s under
-    torchrun (2-core VM, 2026-12-02), which is tested where it is the point. Returns (returncode, stdout,
-    stderr); a hang past the timeout fails the test."""
+    rank (OMP_NUM_THREADS=1), the ranks' stdout and stderr each joined, and the others stopped when one fails.
+    Each process is forked from a server that has imported torch and train_gpt2: 10 tiny steps on 2 ranks take
+    2 s, against 7.5 s under torchrun (2-core VM, 2026-12-02), which is tested where it is the point. Returns
+    (returncode, stdout, stderr); a hang past the timeout fails the test."""
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if ranks else {}), **(env or {})}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

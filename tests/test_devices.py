@@ -141,8 +141,8 @@ def test_fused_linear_cross_entropy_equals_the_models_loss_and_gradients(dtype):
 def test_bench_train_runs_every_lever_with_the_same_losses_on_cpu():
     # bench/bench_train.py is the GPU session's second run; here its levers must build, and from the same init
     # on the same batches give the flash variant's losses: cudnn+fusedce wraps the model in both levers' code
-    r = launch(["--device", "cpu", "--tiny", "--steps", "2", "--rounds", "1", "--loop_steps", "4",
-                "--variants", "flash,cudnn+fusedce"], cwd=ROOT, script=ROOT / "bench" / "bench_train.py", timeout=600)
+    r = launch(["--device", "cpu", "--tiny", "--steps", "2", "--rounds", "1", "--loop_steps", "4", "--variants",
+                "flash,cudnn+fusedce"], cwd=ROOT, script=ROOT / "bench" / "bench_train.py", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     diffs = re.findall(r"^(\S+) vs flash: .* max \|diff\| (\S+)", r.stdout, re.M)
     assert [v for v, _ in diffs] == ["cudnn+fusedce"], r.stdout

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import ROOT, launch
+from conftest import ROOT
 from hf_export import export_hf
-from test_train import KILL_9, TINY, assert_same_weights, expect_error, main_1_thread, read_log
+from test_train import TINY, assert_same_weights, expect_error, main_1_thread, read_log, run_killed_at
 from train_gpt2 import GPT, GPT2_VOCAB, GPTConfig, load_model, main, pad_vocab, parse_args
 
 # the run's flags and no shape flag: the shape is the pretrained model's
@@ -64,9 +64,7 @@ def test_killed_finetuning_run_resumes_with_the_same_command(pretrained, tmp_pat
     (tmp_path / "full").mkdir()
     monkeypatch.chdir(tmp_path / "full")
     main_1_thread(args)  # the oracle, in this process with the killed run's thread count
-    (tmp_path / "kill_9.py").write_text(KILL_9)
-    # killed after the step-3 checkpoint, with steps logged past it
-    r = launch(["4 train"] + args, cwd=tmp_path, script=tmp_path / "kill_9.py", env={"OMP_NUM_THREADS": "1"})
+    r = run_killed_at("4 train", args, tmp_path)  # after the step-3 checkpoint, with steps logged past it
     assert r.returncode == -9, r.stderr
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()

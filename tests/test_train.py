@@ -292,6 +292,12 @@ train_gpt2.main(sys.argv[2:])
 """
 
 
+def run_killed_at(where, args, cwd):
+    """train_gpt2.py's run of args in cwd, with one thread (main_1_thread's), killed by KILL_9 at `where`."""
+    (cwd / "kill_9.py").write_text(KILL_9)
+    return launch([where] + args, cwd=cwd, script=cwd / "kill_9.py", env={"OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.slow
 def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     args = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "10", "--checkpoint_interval", "4",
@@ -299,13 +305,11 @@ def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_
     (tmp_path / "full").mkdir()
     monkeypatch.chdir(tmp_path / "full")
     main_1_thread(args)  # the oracle: the same run, never killed (in this process: not about the process boundary)
-    (tmp_path / "kill_9.py").write_text(KILL_9)
     # after the first line is logged; before the first checkpoint; while writing it; after it,
     # with steps logged past it; and on the last step, after the second checkpoint
     kills = ["0 val", "2 train", "save 4", "6 val", "9 val"]
     for i, where in enumerate(kills):
-        r = launch([where] + args + (["--resume"] if i else []), cwd=tmp_path, script=tmp_path / "kill_9.py",
-                   env={"OMP_NUM_THREADS": "1"})  # main_1_thread's thread count
+        r = run_killed_at(where, args + (["--resume"] if i else []), tmp_path)
         assert r.returncode == -signal.SIGKILL, f"not killed at {where}: {r.stderr}"
         assert ("starting from step 0" in r.stdout) == (0 < i <= 3)  # no model_000004.pt until the 4th run
     monkeypatch.chdir(tmp_path)
