@@ -75,14 +75,14 @@ def max_diff(a, b):
     return max(abs(a[k] - b[k]) for k in a) if a and a.keys() == b.keys() else float("inf")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model with 512-token steps instead of 124M")
     parser.add_argument("--keep", default=None, help="keep the runs' folders here instead of a temp folder")
     parser.add_argument("--skip", default="", help=f"checks to leave out, comma-separated, to fit a short slot: "
                                                    f"{', '.join(CHECKS[1:])} (train is the one the others read)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if not skip <= set(CHECKS[1:]):
         sys.exit(f"error: --skip {args.skip}: it takes checks among {', '.join(CHECKS[1:])}")

@@ -1,5 +1,7 @@
 import contextlib
+import fcntl
 import io
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -19,6 +21,9 @@ import pytest
 # the test machines have no network: never let transformers or datasets try the hub
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n N: the workers share the cores, one thread each (read at import)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"  # large real data, beside the checkout; absent on a user's clone
@@ -47,13 +52,35 @@ def run_main(main, args):
 
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory):
-    """The README's quickstart command, cut to 4 steps, run once as a user runs it: (its folder, the result)."""
-    folder = tmp_path_factory.mktemp("quickstart")
-    r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--preset", "shakespeare", "--max_steps", "4",
-                        "--eval_interval", "2", "--val_tokens", "2048"], cwd=folder, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr
-    return folder, r
+    """The README's quickstart command, cut to 4 steps, run once as a user runs it, once for all the workers of
+    pytest -n (the first to ask runs it, under a lock): (its folder, the result)."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if "PYTEST_XDIST_WORKER" in os.environ else shared  # the workers' common folder
+    folder, result = shared / "quickstart", shared / "quickstart.json"
+    with open(shared / "quickstart.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            folder.mkdir()
+            r = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), "--preset", "shakespeare",
+                                "--max_steps", "4", "--eval_interval", "2", "--val_tokens", "2048"], cwd=folder,
+                               capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr
+            result.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}))
+    return folder, SimpleNamespace(**json.loads(result.read_text()))
+
+
+def pytest_collection_modifyitems(items):
+    """The files of the longest runs first, so that pytest -n's workers, which take a file at a time in this
+    order, end together."""
+    first = ["test_devices.py", "test_train.py", "test_restarts.py", "test_notebook.py", "test_ranks_agree.py",
+             "test_fsdp.py", "test_memory.py"]
+    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """pytest -n auto (pytest.ini): a worker per core, at most 4; a file runs on one worker, and the longest
+    file takes about 40% of the suite."""
+    return min(os.cpu_count() or 1, 4)
 
 
 # The forked processes' server imports what the runs import (hf_export: transformers), once a session; each

@@ -13,7 +13,7 @@ from transformers import GPT2LMHeadModel
 
 import hellaswag
 import train_gpt2
-from conftest import ROOT, launch
+from conftest import ROOT, launch, run_main
 from devices import resolve_device
 from train_gpt2 import GPT, GPTConfig, UsageError, main, setup_distributed
 
@@ -92,20 +92,37 @@ def test_export_writes_float32_weights_even_when_sampling_in_bf16(tmp_path):
     assert torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight[:50257])
 
 
+def forked(cmd, timeout=600):
+    """gpu_check's run(cmd) with the command forked as launch forks one: `torchrun --standalone
+    --nproc_per_node=1 SCRIPT` as one rank, `python SCRIPT` as a process (fresh interpreters and torchrun's agent
+    are tested in test_train.py). Its lines as gpu_check reads them: the JSON last if it worked, the error if not."""
+    _, *rest = cmd  # sys.executable first
+    ranks, env = None, None
+    if rest[:2] == ["-m", "torch.distributed.run"]:
+        assert rest[2:4] == ["--standalone", "--nproc_per_node=1"], cmd
+        rest, ranks = rest[4:], 1
+        env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # torchrun sets it to 1 only for 2 or more
+    r = launch(rest[1:], cwd=ROOT, ranks=ranks, script=ROOT / rest[0], env=env, timeout=timeout)
+    text = r.stdout + r.stderr if r.returncode else r.stderr + r.stdout
+    return r.returncode, [(0.0, line) for line in text.splitlines()]
+
+
 @pytest.mark.slow
-def test_gpu_check_passes_on_cpu_with_a_tiny_model_and_skips_what_it_is_told():
+def test_gpu_check_passes_on_cpu_with_a_tiny_model_and_skips_what_it_is_told(monkeypatch):
     # bench/gpu_check.py is what a GPU session runs first; here it runs on the CPU so that it cannot rot between
     # GPU sessions: every check but medium, which --skip leaves out as a short GPU slot would (its preset's
-    # flags run in tests/test_fsdp.py)
-    gpu_check = ROOT / "bench" / "gpu_check.py"
-    r = launch(["--device", "cpu", "--tiny", "--skip", "medium"], cwd=ROOT, script=gpu_check, timeout=600)
+    # flags run in tests/test_fsdp.py). Its commands are forked (forked above): the same checks in half the time
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "run", forked)
+    r = run_main(gpu_check.main, ["--device", "cpu", "--tiny", "--skip", "medium"])
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0, r.stdout + r.stderr
     assert lines[-1] == "9 passed, 0 failed, 1 skipped", r.stdout
     assert [line.split()[:2] for line in lines if line.startswith(("PASS", "SKIP", "FAIL"))] == \
         [["PASS", name] if name != "medium" else ["SKIP", name] for name in
          ["train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag"]]
-    r = launch(["--device", "cpu", "--skip", "train"], cwd=ROOT, script=gpu_check, timeout=120)
+    r = run_main(gpu_check.main, ["--device", "cpu", "--skip", "train"])
     assert r.returncode != 0 and r.stderr.strip().startswith("error: --skip train: it takes checks among")
 
 

@@ -86,7 +86,7 @@ CASES = [
       # rank 1 stops answering: rank 0 waits in the next collective, gives up after --dist_timeout and exits 1
       # (at once: a dead group's destructors could deadlock it), and torchrun restarts the group
       ("hang", "1", "5 train", 4)],
-     ["--dist_timeout", "10"]),  # 10 s: well over any wait in this tiny run, even on a loaded machine
+     ["--dist_timeout", "20"]),  # 20 s: well over any wait in this tiny run, even beside another worker
     ([("kill", "0", "save 8", 4)], ["--fsdp"]),  # the same under FSDP, where rank 1 waits in the next collective
 ]
 
@@ -110,7 +110,7 @@ def test_torchrun_restarts_a_group_with_a_dead_rank_and_ends_as_the_uninterrupte
     assert out.count("resuming at step 4") == starts.count(4)
     assert len(stops) + 1 == out.count("starting from step 0") + out.count("resuming at step")
     if any(action == "hang" for action, _, _, _ in stops):
-        assert "error: rank 0: " in err and "--dist_timeout 10" in err, err[-3000:]
+        assert "error: rank 0: " in err and "--dist_timeout 20" in err, err[-3000:]
     oracle = oracles("--fsdp" in flags)
     assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(oracle))  # no .tmp left behind
     assert (tmp_path / "run" / "log.txt").read_text() == (oracle / "log.txt").read_text()
