@@ -21,7 +21,8 @@ import pytest
 # the test machines have no network: never let transformers or datasets try the hub
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n N: the workers share the cores, one thread each (read at import)
+# pytest -n N: the workers share the cores, one thread each (read at import)
+if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
 

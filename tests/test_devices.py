@@ -94,8 +94,9 @@ def test_export_writes_float32_weights_even_when_sampling_in_bf16(tmp_path):
 
 def forked(cmd, timeout=600):
     """gpu_check's run(cmd) with the command forked as launch forks one: `torchrun --standalone
-    --nproc_per_node=1 SCRIPT` as one rank, `python SCRIPT` as a process (fresh interpreters and torchrun's agent
-    are tested in test_train.py). Its lines as gpu_check reads them: the JSON last if it worked, the error if not."""
+    --nproc_per_node=1 SCRIPT` as one rank, `python SCRIPT` as a process (fresh interpreters and torchrun's
+    agent are tested in test_train.py). Its lines as gpu_check reads them: the JSON last if it worked, the error
+    if not."""
     _, *rest = cmd  # sys.executable first
     ranks, env = None, None
     if rest[:2] == ["-m", "torch.distributed.run"]:
