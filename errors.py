@@ -1,4 +1,4 @@
-"""The one error type of every script here: bad input, printed as one line that names the fix."""
+"""The error types of every script here: bad input, printed as one line that names the fix."""
 
 
 class UsageError(Exception):
@@ -8,3 +8,8 @@ class UsageError(Exception):
     def __init__(self, message, every_rank=False):
         super().__init__(message)
         self.every_rank = every_rank
+
+
+class CorruptCheckpoint(UsageError):
+    """A checkpoint file that does not load, perhaps cut short by a host crash: --resume goes on from the one
+    before it."""

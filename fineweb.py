@@ -35,6 +35,7 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
+from disk import write_atomically
 from train_gpt2 import EOT, UsageError, get_tokenizer
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
@@ -251,21 +252,6 @@ def cut_shards(results, shard_size, document=0, token=0):
 
 def shard_name(prefix, index):
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
-def write_atomically(path, write):
-    # a reader, or a rerun after a kill, finds the old file or the whole new one, never half of one
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def meta_path(output_dir, prefix):

@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from disk import pretty_bytes
 from train_gpt2 import GPT, GPTConfig, UsageError
 
 
@@ -62,8 +63,11 @@ def memory_plan(model_cfg, cfg, world, dtype, parallel, accum):
     return plan
 
 
-def gib(n):
-    return f"{n / 2**30:.1f} GiB"
+def checkpoint_bytes(model_cfg, cfg):
+    """A checkpoint's size before it is written: the whole model's float32 weights and optimizer state, as one
+    unsharded GPU holds them (the pickle, the RNG states and the zip add a few KB)."""
+    plan = memory_plan(model_cfg, cfg, 1, "float32", None, 1)
+    return plan["parameters"] + plan["optimizer state"]
 
 
 def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
@@ -71,8 +75,8 @@ def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
     plan = memory_plan(model_cfg, cfg, world, dtype, parallel, accum)
     need = sum(plan.values())
     if master:
-        print(f"memory plan per GPU: {gib(need)} = " + ", ".join(f"{k} {gib(v)}" for k, v in plan.items()),
-              flush=True)
+        print(f"memory plan per GPU: {pretty_bytes(need)} = "
+              + ", ".join(f"{k} {pretty_bytes(v)}" for k, v in plan.items()), flush=True)
     if device.type != "cuda" or not cfg.memory_check:
         return need
     free, _ = torch.cuda.mem_get_info(device)
@@ -91,8 +95,8 @@ def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
     else:
         fix = ("shard the model over more GPUs with --fsdp under torchrun"
                + ("" if cfg.recompute else " and --recompute"))
-    raise UsageError(f"the memory plan needs {gib(need)} per GPU, {device} has {gib(free)} free: {fix}; "
-                     "--no-memory_check runs anyway")
+    raise UsageError(f"the memory plan needs {pretty_bytes(need)} per GPU, {device} has {pretty_bytes(free)} "
+                     f"free: {fix}; --no-memory_check runs anyway")
 
 
 def out_of_memory_advice(message, cfg):

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import asdict, fields
 
-from errors import UsageError
+from errors import CorruptCheckpoint, UsageError
 
 
 def data_identity(path):
@@ -117,16 +117,20 @@ def find_checkpoint(log_dir):
     return ckpts[-1] if ckpts else None
 
 
-def find_run(cfg):
-    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk
-    decides."""
-    ckpt_path = find_checkpoint(cfg.log_dir) if cfg.resume else None
-    if cfg.resume and ckpt_path is None:
-        # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
-        print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0",
-              flush=True)
-    if not cfg.resume and (find_checkpoint(cfg.log_dir)
-                           or os.path.exists(os.path.join(cfg.log_dir, "log.txt"))):
-        raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
-                         "or a new --log_dir (or delete the folder) to start afresh")
-    return ckpt_path
+def find_run(cfg, load):
+    """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides.
+    The newest checkpoint that `load` can read: one cut short by a host crash is skipped with a line, and kept."""
+    if not cfg.resume:
+        if find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
+            raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
+                             "or a new --log_dir (or delete the folder) to start afresh")
+        return None
+    for path in sorted(glob.glob(os.path.join(cfg.log_dir, "model_*.pt")), reverse=True):
+        try:
+            load(path)
+            return path
+        except CorruptCheckpoint as e:
+            print(f"--resume: skipping {path}, which does not load ({e}); it is kept", flush=True)
+    # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
+    print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
+    return None

@@ -9,7 +9,7 @@ data loader, the optimizer, the step, evaluation, checkpoints and the loop. Impo
 
 Every flag is a field of GPTConfig, TrainConfig or SampleConfig, with its default and reason; a --preset sets
 several at once (presets.py) and explicit flags override it. The machinery beside it is in devices.py,
-memory_plan.py, run_checks.py, ranks.py, logger.py, muon.py and hf_export.py.
+memory_plan.py, run_checks.py, ranks.py, preemption.py, disk.py, logger.py, muon.py and hf_export.py.
 """
 
 import argparse
@@ -20,6 +20,7 @@ import glob
 import json
 import math
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +38,11 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from disk import check_checkpoint_room, free_bytes, pretty_bytes, write_atomically
 from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_device, resolve_precision
-from errors import UsageError
+from errors import CorruptCheckpoint, UsageError
 from logger import Logger
+from preemption import StopOnSignal
 from presets import PRESETS
 from ranks import attempt_store, on_every_rank, on_rank_0
 from run_checks import (check_config, check_resume, check_same_data, check_shape, data_identity,
@@ -603,8 +606,9 @@ def batch_loss(model, x, y, autocast):
 # checkpoints and resuming
 
 
-def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scaler=None):
-    """Called on every rank (under FSDP the gathers are collectives); rank 0 writes."""
+def save_checkpoint(path, raw_model, optimizer, step, cfg, device, distributed, scaler=None):
+    """Called on every rank (under FSDP the gathers are collectives); rank 0 writes, and a write that fails
+    (a disk filled since step 0) stops every rank with one line, the previous checkpoint intact."""
     if cfg.fsdp:
         # the whole state, gathered a tensor at a time onto rank 0's CPU: one file for any sharding
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -626,12 +630,19 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, master, scale
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
     }
-    if master:
+    def write():
         # the tied wte / lm_head weight stored once (FSDP gathers it under each name, as two tensors)
         model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
-        tmp = path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
+        try:  # fsync'd and renamed: a kill or a host crash mid-write leaves the previous checkpoint the newest
+            write_atomically(path, lambda f: torch.save(ckpt, f))
+        except (OSError, RuntimeError) as e:  # a full disk is torch.save's RuntimeError "enforce fail at ..."
+            from memory_plan import checkpoint_bytes
+            need = checkpoint_bytes(raw_model.config, cfg)
+            raise UsageError(f"could not write {path} ({str(e).splitlines()[0][:100]}): '{cfg.log_dir}' has "
+                             f"{pretty_bytes(free_bytes(cfg.log_dir))} free and a checkpoint needs "
+                             f"{pretty_bytes(need)}; {find_checkpoint(cfg.log_dir) or 'no earlier checkpoint'} "
+                             "is intact: free some space there and --resume") from None
+    on_rank_0(write, distributed)
 
 
 def by_name(optimizer_state, raw_model, optimizer):
@@ -656,8 +667,8 @@ def load_checkpoint(path):
             size = os.path.getsize(path) / 2**30
             raise UsageError(f"checkpoint '{path}' ({size:.1f} GiB) does not fit in this machine's free "
                              "memory: free some, or load it where there is more") from None
-        raise UsageError(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
-                         f"({type(e).__name__}); delete it or pass another") from None
+        raise CorruptCheckpoint(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass another") from None
 
 
 def load_model(name_or_path, device="cpu"):
@@ -721,11 +732,13 @@ def restore_state(ckpt, raw_model, optimizer, device, scaler=None, fsdp=False):
 
 
 def train(cfg, model_cfg, sample_cfg, given=()):
+    """The run; returns the signal that stopped it early (with a checkpoint), or None when it ran to the end."""
     distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp, cfg.dist_timeout)
     try:
-        _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
+        stopped_by = _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
         if distributed:
             dist.barrier()  # every rank done before the group goes: gloo could otherwise abort a rank at exit
+        return stopped_by
     except torch.OutOfMemoryError as e:
         from memory_plan import out_of_memory_advice
         # log lines are written whole and checkpoints by rename, so nothing on disk is half-written
@@ -756,7 +769,7 @@ def grad_accum_steps(cfg, world):
 
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     import hellaswag  # here: hellaswag.py and memory_plan.py import this file
-    from memory_plan import check_memory, gib
+    from memory_plan import check_memory, checkpoint_bytes
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
     # first: --compile where it cannot run is an error
@@ -777,13 +790,16 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     train_shards, val_shards = on_every_rank(lambda: find_data(cfg.data), distributed)
     rank_0_data = on_rank_0(lambda: data_identity(cfg.data), distributed)
     on_every_rank(lambda: check_same_data(cfg.data, rank_0_data), distributed)
-    ckpt_path = on_rank_0(lambda: find_run(cfg), distributed)
+    ckpt_path = on_rank_0(lambda: find_run(cfg, load_checkpoint), distributed)
     resume = lambda: check_resume(load_checkpoint(ckpt_path), ckpt_path, cfg, model_cfg, given, master)
     ckpt = on_every_rank(resume, distributed) if ckpt_path else None
     raw_model = on_every_rank(lambda: build_model(cfg, model_cfg, given, ckpt), distributed)
     plan = lambda: check_memory(raw_model.config, cfg, world, precision.dtype, parallel, accum, device,
                                 master)
     planned = on_every_rank(plan, distributed)
+    # room on the disk of rank 0, which writes the checkpoints: a full one is found before the work they keep
+    ckpt_size, resumed_at = checkpoint_bytes(raw_model.config, cfg), ckpt["step"] if ckpt else 0
+    on_rank_0(lambda: check_checkpoint_room(cfg, ckpt_size, resumed_at), distributed)
     raw_model.to(device)
     autocast = precision.autocast(device.type)  # after the memory check: a CUDA autocast needs a CUDA torch
     # the model's vocab_size bounds the data's token ids
@@ -823,66 +839,82 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     load_step = functools.partial(train_loader.step_batches, accum=accum, rank=rank, world=world, B=B,
                                   pin_memory=device.type == "cuda")
     next_batches = prefetcher.submit(load_step, start_step)
-    step_times, n_skipped = [], 0
-    for step in range(start_step, cfg.max_steps):
-        last = step == cfg.max_steps - 1
-        if step % cfg.eval_interval == 0 or last:
-            # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs first
-            val_model = model if use_compile else raw_model
-            val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast, distributed)
-            log.print(f"step {step:5d} | val loss {val_loss:.4f}")
-            log.log(step, "val", val_loss, ".4f")
-            if hella_examples is not None:
-                correct, total = hellaswag.evaluate_ranks(raw_model, hella_examples, rank, world, device,
-                                                          precision, distributed)
-                log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}")
-                log.log(step, "hella", correct / total, ".4f")
-        # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
-        if (master or parallel == "fsdp") and ((step > 0 and step % cfg.sample_interval == 0) or last):
-            with autocast, torch.compiler.set_stance("force_eager"):
-                log.samples(step, sample_text(raw_model, sample_cfg, seed=42, device=device))
+    step_times, n_skipped, stopped = [], 0, None  # stopped: the step after which a signal ended the run
+    # from step 0 on, a SIGTERM or SIGINT (a reclaimed spot instance, a time limit, Ctrl-C) ends the run at a
+    # step boundary with a checkpoint (preemption.py); before it there is nothing to keep
+    with StopOnSignal(say=master) as stop:
+        for step in range(start_step, cfg.max_steps):
+            last = step == cfg.max_steps - 1
+            if step % cfg.eval_interval == 0 or last:
+                # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs first
+                val_model = model if use_compile else raw_model
+                val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast, distributed)
+                log.print(f"step {step:5d} | val loss {val_loss:.4f}")
+                log.log(step, "val", val_loss, ".4f")
+                if hella_examples is not None:
+                    correct, total = hellaswag.evaluate_ranks(raw_model, hella_examples, rank, world, device,
+                                                              precision, distributed)
+                    log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}")
+                    log.log(step, "hella", correct / total, ".4f")
+            # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
+            if (master or parallel == "fsdp") and ((step > 0 and step % cfg.sample_interval == 0) or last):
+                with autocast, torch.compiler.set_stance("force_eager"):
+                    log.samples(step, sample_text(raw_model, sample_cfg, seed=42, device=device))
 
-        t0 = time.time()
-        x, y = (t.to(device, non_blocking=True) for t in next_batches.result())
-        if step + 1 < cfg.max_steps:
-            next_batches = prefetcher.submit(load_step, step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, list(zip(x, y)), autocast, parallel, scaler=scaler)
-        loss = all_reduce(loss, distributed) / world
-        lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
-        for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
-            # one warmup + cosine shape; Muon's group has its own peak
-            group["lr"] = lr * (peak_lr / cfg.max_lr)
-        norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, scaler)
-        # the step's one wait for the GPU; a non-finite step stops the run before any checkpoint is written
-        loss, norm = torch.stack([loss, norm]).tolist()
-        dt = time.time() - t0
-        skipped = step_skipped(loss, norm, scaler, step, cfg.log_dir)
-        n_skipped += skipped
-        step_times = (step_times + [dt])[-20:]
-        eta = sum(step_times) / len(step_times) * (cfg.max_steps - step - 1)
-        mfu = flops_step / dt / (peak * world) * 100 if peak else None
-        log.print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                  f"{dt * 1000:.0f} ms | {cfg.total_batch_size / dt:,.0f} tok/s"
-                  f"{f' | MFU {mfu:.1f}%' if mfu else ''} | ETA {eta / 60:.1f} min"
-                  + (" | skipped: inf/nan fp16 gradients, the loss scale is halved" if skipped else ""))
-        log.log(step, "train", loss, ".6f")
-        if skipped:
-            log.log(step, "skipped", 1, "d")
-        log.figures(step, lr=lr, norm=norm, tokens_per_s=cfg.total_batch_size / dt,
-                    **({"mfu": mfu} if mfu else {}))
+            t0 = time.time()
+            x, y = (t.to(device, non_blocking=True) for t in next_batches.result())
+            if step + 1 < cfg.max_steps:
+                next_batches = prefetcher.submit(load_step, step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss = accumulate_gradients(model, list(zip(x, y)), autocast, parallel, scaler=scaler)
+            # the loss's all-reduce also carries whether any rank has had a signal: every rank stops after the
+            # same step, with no collective of its own (full_like: no host-to-device copy, no wait)
+            loss, stopping = all_reduce(torch.stack([loss, torch.full_like(loss, stop.signal is not None)]),
+                                        distributed)
+            loss = loss / world
+            lr = get_lr(step, cfg.max_lr, min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
+                # one warmup + cosine shape; Muon's group has its own peak
+                group["lr"] = lr * (peak_lr / cfg.max_lr)
+            norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, scaler)
+            # the step's one wait for the GPU; a non-finite step stops the run before any checkpoint is written
+            loss, norm, stopping = torch.stack([loss, norm, stopping]).tolist()
+            dt = time.time() - t0
+            skipped = step_skipped(loss, norm, scaler, step, cfg.log_dir)
+            n_skipped += skipped
+            step_times = (step_times + [dt])[-20:]
+            eta = sum(step_times) / len(step_times) * (cfg.max_steps - step - 1)
+            mfu = flops_step / dt / (peak * world) * 100 if peak else None
+            log.print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                      f"{dt * 1000:.0f} ms | {cfg.total_batch_size / dt:,.0f} tok/s"
+                      f"{f' | MFU {mfu:.1f}%' if mfu else ''} | ETA {eta / 60:.1f} min"
+                      + (" | skipped: inf/nan fp16 gradients, the loss scale is halved" if skipped else ""))
+            log.log(step, "train", loss, ".6f")
+            if skipped:
+                log.log(step, "skipped", 1, "d")
+            log.figures(step, lr=lr, norm=norm, tokens_per_s=cfg.total_batch_size / dt,
+                        **({"mfu": mfu} if mfu else {}))
 
-        if (step + 1) % cfg.checkpoint_interval == 0 or last:
-            save_checkpoint(os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt"), raw_model, optimizer,
-                            step + 1, cfg, device, master, scaler)
+            if (step + 1) % cfg.checkpoint_interval == 0 or last or stopping:
+                ckpt_file = os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt")
+                save_checkpoint(ckpt_file, raw_model, optimizer, step + 1, cfg, device, distributed, scaler)
+            if stopping and not last:
+                stopped = step
+                break
     prefetcher.shutdown()
     if scaler is not None:
-        log.print(f"{n_skipped} of steps {start_step}-{cfg.max_steps - 1} skipped for inf/nan fp16 gradients "
-                  f"(loss scale now {scaler.get_scale():g})")
+        log.print(f"{n_skipped} of steps {start_step}-{cfg.max_steps - 1 if stopped is None else stopped} "
+                  f"skipped for inf/nan fp16 gradients (loss scale now {scaler.get_scale():g})")
     if device.type == "cuda":
         peak_bytes = torch.cuda.max_memory_allocated(device)
-        log.print(f"peak GPU memory {gib(peak_bytes)} (the plan: {gib(planned)})")
+        log.print(f"peak GPU memory {pretty_bytes(peak_bytes)} (the plan: {pretty_bytes(planned)})")
+    if stopped is not None:
+        signum = stop.signal or signal.SIGTERM  # a rank stopped by another's signal ends as if it had one too
+        log.print(f"{signal.Signals(signum).name}{'' if stop.signal else ' on another rank'}: stopped after step "
+                  f"{stopped}, checkpoint {ckpt_file}; the same command with --resume goes on from step "
+                  f"{stopped + 1}")
     log.close()
+    return None if stopped is None else signum
 
 
 # -----------------------------------------------------------------------------
@@ -968,7 +1000,10 @@ def main(argv=None):
     try:
         check_config(model_cfg, cfg, sample_cfg, GPT2_VOCAB)
         if not sample_cfg.sample and sample_cfg.export is None:
-            return train(cfg, model_cfg, sample_cfg, given)
+            stopped_by = train(cfg, model_cfg, sample_cfg, given)
+            if stopped_by:  # exit as the signal would have (128 + N): a job script can tell the run is not done
+                sys.exit(128 + stopped_by)
+            return
         source = cfg.init_from or find_checkpoint(cfg.log_dir)
         if source is None:
             raise UsageError("nothing to load: pass --init_from (gpt2, a folder or a .pt) or a --log_dir "

@@ -1,0 +1,60 @@
+"""
+The disk a run writes to: files written whole or not at all, even across a host crash (fsync'd, then renamed),
+and room for a checkpoint checked before the work it is to keep. train_gpt2.py's checkpoints and fineweb.py's
+shards are written here.
+"""
+import contextlib
+import os
+import shutil
+
+from errors import UsageError
+
+
+def write_atomically(path, write):
+    """write(f) into path's .tmp, then renamed over path: a reader, a rerun after a kill, or a resume after a power
+    loss finds the old file or the whole new one, never half of one. A failed write (a full disk) removes the
+    .tmp and leaves the old file as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    if os.name == "posix":  # and the rename itself: without it a crash can bring back the old name's file
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def free_bytes(folder):
+    """The bytes free to this user on folder's filesystem; a folder not made yet is on its nearest parent's."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def pretty_bytes(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_checkpoint_room(cfg, size, start_step):
+    """Before step 0: stop when --log_dir's disk has no room for one checkpoint of `size` bytes, and say so when
+    it has none for all that the run writes from start_step on (it keeps every one)."""
+    free = free_bytes(cfg.log_dir)
+    if free < size:
+        raise UsageError(f"'{cfg.log_dir}' has {pretty_bytes(free)} free and a checkpoint needs "
+                         f"{pretty_bytes(size)}: free some space there, or pass a --log_dir on a disk with room")
+    every = cfg.checkpoint_interval
+    count = cfg.max_steps // every - start_step // every + (cfg.max_steps % every > 0)  # and the last step's
+    if free < count * size:
+        print(f"note: '{cfg.log_dir}' has room for {free // size} of the {count} checkpoints this run writes "
+              f"({pretty_bytes(size)} each, {pretty_bytes(free)} free): delete old ones as it goes, or raise "
+              "--checkpoint_interval", flush=True)

@@ -1,0 +1,44 @@
+"""
+A SIGTERM or SIGINT stops a run at a step boundary with a checkpoint, instead of killing it mid-step: a spot
+instance reclaimed, SLURM's time limit, a Kubernetes eviction, Ctrl-C, and torchrun passing any of these on to
+its ranks. Each sends one of them, then kills after a grace period (30 s or more). A second signal ends the
+process at once.
+"""
+import os
+import signal
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal:
+    """With it, the first SIGTERM or SIGINT only sets `signal`, which the loop reads at its next step boundary;
+    the handlers before it come back on exit. A signal this process ignores (nohup, a background job's SIGINT)
+    stays ignored."""
+
+    def __init__(self, say):
+        self.say = say  # whether this process prints the first signal's line (rank 0)
+        self.signal = None  # the first signal's number, once one came
+        self._before = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+            for sig in SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._before[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = signum
+            if self.say:  # os.write, not print: a handler that prints while the loop prints raises "reentrant call"
+                os.write(2, f"{name}: stopping at the end of this step with a checkpoint; "
+                            f"another {name} ends the run at once\n".encode())
+            return
+        signal.signal(signum, signal.SIG_DFL)  # the second: die of it, as without this handler
+        os.kill(os.getpid(), signum)
