@@ -125,8 +125,10 @@ def export_hf(model, folder, source=None):
         raise UsageError(f"--export {folder} exists and is not an earlier export; "
                          "remove it or pick another folder")
     c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, n_positions=c.block_size, n_embd=c.n_embd,
-                                    n_layer=c.n_layer, n_head=c.n_head, bos_token_id=EOT, eos_token_id=EOT))
+    # n_ctx as OpenAI's configs carry it: transformers ignores it, llama.cpp's convert_hf_to_gguf.py reads it
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, n_positions=c.block_size, n_ctx=c.block_size,
+                                    n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, bos_token_id=EOT,
+                                    eos_token_id=EOT))
     sd = {k: v.t() if k.endswith(_CONV1D) else v for k, v in model.state_dict().items()}
     for k in ("transformer.wte.weight", "lm_head.weight"):
         sd[k] = sd[k][:GPT2_VOCAB]  # drop the padding rows, which no real token uses

@@ -43,6 +43,28 @@ def export(run):
     return folder
 
 
+# the keys of OpenAI's gpt2 ... gpt2-xl config.json files on the Hub but task_specific_params (pipeline's sampling
+# defaults, which the export's generation_config.json sets instead)
+OPENAI_CONFIG_KEYS = {"activation_function", "architectures", "attn_pdrop", "bos_token_id", "embd_pdrop",
+                      "eos_token_id", "initializer_range", "layer_norm_epsilon", "model_type", "n_ctx", "n_embd",
+                      "n_head", "n_layer", "n_positions", "resid_pdrop", "summary_activation",
+                      "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
+                      "vocab_size"}
+
+
+def test_exported_config_carries_openais_keys_for_llama_cpps_converter(export):
+    # llama.cpp's convert_hf_to_gguf.py reads n_ctx, n_embd, n_head, n_layer and layer_norm_epsilon for GPT-2
+    config = json.loads((export / "config.json").read_text())
+    assert OPENAI_CONFIG_KEYS <= set(config), OPENAI_CONFIG_KEYS - set(config)
+    model = load_model(str(export.parent / "log" / "model_000003.pt"))
+    assert config["n_ctx"] == config["n_positions"] == model.config.block_size
+    assert (config["n_embd"], config["n_head"], config["n_layer"]) == (32, 2, 2)
+    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (GPT2_VOCAB, EOT, EOT)
+    assert (config["activation_function"], config["layer_norm_epsilon"], config["model_type"]) == \
+        ("gelu_new", 1e-5, "gpt2")
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+
+
 def test_exported_tokenizer_matches_tiktoken_on_input_txt(export):
     text = (ROOT / "input.txt").read_text()
     tok = AutoTokenizer.from_pretrained(export)
