@@ -1,20 +1,25 @@
 """
-The GPU paths, checked on a machine without a GPU: CUDA is faked where the code only asks torch about it, and
-bench/gpu_check.py, which a GPU session runs for real, runs here on the CPU with a tiny model so it cannot rot.
+The GPU paths, checked on a machine without a GPU: CUDA (and ROCm, and a GPU box whose GPUs torch cannot see) is
+faked where the code only asks torch about it, and bench/gpu_check.py, which a GPU session runs for real, runs
+here on the CPU with a tiny model so it cannot rot.
 """
 import contextlib
 import re
+import shutil
 import sys
+import types
 
 import pytest
 import torch
 import torch.distributed as dist
 from transformers import GPT2LMHeadModel
 
+import devices
 import hellaswag
 import train_gpt2
 from conftest import ROOT, launch, run_main
-from devices import resolve_device
+from devices import peak_flops, resolve_device, resolve_precision
+from test_train import TINY
 from train_gpt2 import GPT, GPTConfig, UsageError, main, setup_distributed
 
 
@@ -216,3 +221,214 @@ def test_every_script_checks_the_gpus_architecture(fake_cuda, monkeypatch, tmp_p
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
     with pytest.raises(SystemExit, match="V100.*has no kernels"):
         gpu_check.main()
+
+
+# -----------------------------------------------------------------------------
+# a GPU box whose GPUs this torch cannot use: the NVIDIA kernel module's version file (or AMD's /dev/kfd) is
+# there, torch.cuda.is_available() is False
+
+
+OLD_DRIVER = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023"
+OPEN_580 = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
+            "(dvs-builder@U16-I1-N08-07-2)  Sun Jul 27 06:54:38 UTC 2025")
+
+
+@pytest.fixture
+def gpu_box(monkeypatch, tmp_path):
+    """gpu_box(driver, cuda, hip=None, kfd=False): torch sees no GPU, on a machine whose NVIDIA kernel module
+    reports the line `driver` (None: not loaded) or with AMD's /dev/kfd, with this torch built for CUDA `cuda`
+    or ROCm `hip` (both None: a CPU build)."""
+    def make(driver, cuda, hip=None, kfd=False, gfx=90402):
+        nvidia, amd, nodes = tmp_path / "nvidia_version", tmp_path / "kfd", tmp_path / "nodes"
+        for path in (nvidia, amd):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(nodes, ignore_errors=True)
+        if driver:
+            nvidia.write_text(f"{driver}\nGCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n")
+        if kfd:
+            amd.touch()
+            # the driver's topology: node 0 the CPU, node 1 the GPU (gfx942, an MI300X, by default)
+            for node, version in enumerate((0, gfx)):
+                (nodes / str(node)).mkdir(parents=True)
+                (nodes / str(node) / "properties").write_text(
+                    f"cpu_cores_count {0 if node else 96}\nsimd_count {304 if node else 0}\n"
+                    f"gfx_target_version {version}\nvendor_id {4098 if node else 0}\n")
+        monkeypatch.setattr(devices, "NVIDIA_DRIVER", str(nvidia))
+        monkeypatch.setattr(devices, "AMD_DRIVER", str(amd))
+        monkeypatch.setattr(devices, "AMD_TOPOLOGY", str(nodes))
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "RANK", "LOCAL_RANK",
+              "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    return make
+
+
+@pytest.mark.parametrize("driver, cuda, hip, kfd, env, words", [
+    # pip's default wheel (CUDA 13.0) on a 535 driver: torch prints "driver too old" and sees no GPU
+    (OLD_DRIVER, "13.0", None, False, {}, ["this machine's NVIDIA driver 535.104.05 is too old",
+                                           "CUDA 13.0 needs a driver >= 580", "install a driver >= 580",
+                                           "which run on drivers >= 525: pip install --force-reinstall torch==",
+                                           "--index-url https://download.pytorch.org/whl/cu126"]),
+    (OPEN_580, None, None, False, {}, ["NVIDIA driver 580.65.06", "is a CPU build", "whl/cu130 (drivers >= 580)",
+                                       "whl/cu126 (drivers >= 525)"]),
+    (OPEN_580, "13.0", None, False, {"CUDA_VISIBLE_DEVICES": ""}, [
+        "NVIDIA driver 580.65.06, new enough for this torch's CUDA 13.0, but", "CUDA_VISIBLE_DEVICES='' hides them",
+        "nvidia-smi"]),
+    (OPEN_580, "13.0", None, False, {}, ["new enough", "a container started without --gpus all", "nvidia-smi"]),
+    (None, "13.0", None, True, {}, ["AMD's ROCm driver", "is built for CUDA 13.0", "install a ROCm build of torch",
+                                    "pytorch.org/get-started/locally"]),
+    (None, None, "6.4.43482-0f2d60242", True, {"HIP_VISIBLE_DEVICES": ""}, [
+        "(ROCm 6.4.43482-0f2d60242) sees no GPU", "HIP_VISIBLE_DEVICES='' hide them", "rocm-smi"]),
+], ids=["cuda13-driver535", "cpu-build", "CUDA_VISIBLE_DEVICES", "container", "amd-cuda-build", "rocm-hidden"])
+def test_a_gpu_box_whose_gpus_this_torch_cannot_use_stops_auto_and_cuda_in_one_line(
+        gpu_box, monkeypatch, driver, cuda, hip, kfd, env, words):
+    gpu_box(driver, cuda, hip, kfd)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for arg in ("auto", "cuda", "cuda:1"):
+        with pytest.raises(UsageError) as e:
+            resolve_device(arg)
+        message = str(e.value)
+        assert message.startswith(f"--device {arg}: ") and "\n" not in message, message
+        assert message.endswith("; --device cpu runs on the CPU anyway") and "install pip" not in message
+        assert all(w in message for w in words), message
+    assert resolve_device("cpu") == torch.device("cpu")  # asked for, the CPU runs there
+    gpu_box(None, cuda, hip)  # a machine without GPUs (the quickstart's laptop): auto is its CPU, as before
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("gfx", [90012, 110003])  # a Ryzen laptop's Radeon (gfx90c), a desktop's RX 7600 (gfx1103)
+def test_an_amd_laptop_or_desktop_keeps_the_cpu_for_auto_and_hears_of_rocm_for_cuda(gpu_box, gfx):
+    # /dev/kfd is there on most machines with an AMD GPU: only an Instinct one is a GPU box torch should use
+    gpu_box(None, "13.0", kfd=True, gfx=gfx)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UsageError, match="^--device cuda: this machine has AMD's ROCm driver .* ROCm build"):
+        resolve_device("cuda")
+    gpu_box(None, "13.0", kfd=True, gfx=90010)  # an MI250X
+    with pytest.raises(UsageError, match="^--device auto: this machine has AMD's ROCm driver"):
+        resolve_device("auto")
+
+
+def test_every_script_stops_on_a_gpu_box_its_torch_cannot_use_before_any_work(gpu_box, monkeypatch, tmp_path):
+    gpu_box(OLD_DRIVER, "13.0")
+    too_old = r"^error: --device (auto|cuda): this machine's NVIDIA driver 535.104.05 is too old .*whl/cu126"
+    for argv in (TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "1", "--log_dir", str(tmp_path / "run")],
+                 ["--init_from", "x.pt", "--sample"], ["--init_from", "x.pt", "--export", str(tmp_path / "hf")]):
+        with pytest.raises(SystemExit, match=too_old):
+            main(argv)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "hf").exists()
+    monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", "gpt2", "--data",
+                                      str(ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl")])
+    with pytest.raises(SystemExit, match=too_old):
+        hellaswag.main()
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    with pytest.raises(SystemExit, match=too_old):
+        gpu_check.main()
+
+
+# -----------------------------------------------------------------------------
+# AMD GPUs: a ROCm build of torch drives them through torch.cuda
+
+
+AMD = {  # get_device_name, get_device_properties().gcnArchName, get_device_capability (the gfx target's numbers)
+    "MI300X": ("AMD Instinct MI300X", "gfx942:sramecc+:xnack-", (9, 4)),
+    "MI250X": ("AMD Instinct MI250X/MI250", "gfx90a:sramecc+:xnack-", (9, 0)),
+    "RX 9070 XT": ("AMD Radeon RX 9070 XT", "gfx1201", (12, 0)),
+    "RX 7900 XTX": ("AMD Radeon RX 7900 XTX", "gfx1100", (11, 0)),
+    "RX 6900 XT": ("AMD Radeon RX 6900 XT", "gfx1030", (10, 3)),
+}
+# gfx targets as a ROCm build's torch.cuda.get_arch_list() lists them
+ROCM = ["gfx900", "gfx906", "gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx1101"]
+
+
+@pytest.fixture
+def fake_rocm(monkeypatch):
+    """fake_rocm(gpu, archs=ROCM): a ROCm build of torch with two GPUs of AMD, as far as torch.version,
+    torch.cuda's queries and `import triton` tell. torch.cuda.is_bf16_supported is torch's own."""
+    def make(gpu, archs=ROCM):
+        name, arch, (major, minor) = AMD[gpu]
+        monkeypatch.setattr(torch.version, "hip", "6.4.43482-0f2d60242")
+        monkeypatch.setattr(torch.version, "cuda", None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(
+            name=name, gcnArchName=arch, major=major, minor=minor, total_memory=64 * 2**30))
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (60 * 2**30, 64 * 2**30))
+        monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))  # ROCm's pytorch-triton-rocm
+        return torch.device("cuda", 0)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    return make
+
+
+class OnTheGPU(Exception):
+    """Where a CPU build of torch truly cannot go on: the model moved onto the GPU."""
+
+
+@pytest.mark.parametrize("gpu, peak", [("MI300X", 1307.4e12), ("MI250X", 191.5e12)])  # an MI250X's GCD: half
+def test_an_mi300x_and_an_mi250x_reach_step_0_with_bf16_compile_and_mfu(fake_rocm, monkeypatch, capsys, tmp_path,
+                                                                         gpu, peak):
+    fake_rocm(gpu)
+    resolved = {}
+
+    def spy(fn):
+        def recorded(*args):
+            resolved[fn.__name__] = fn(*args)
+            return resolved[fn.__name__]
+        return recorded
+
+    def to(model, *args, **kwargs):
+        if args and torch.device(args[0]).type == "cuda":
+            raise OnTheGPU(args[0])
+        return to_cpu(model, *args, **kwargs)
+
+    to_cpu = GPT.to
+    monkeypatch.setattr(GPT, "to", to)
+    monkeypatch.setattr(train_gpt2, "resolve_precision", spy(train_gpt2.resolve_precision))
+    monkeypatch.setattr(train_gpt2, "resolve_compile", spy(train_gpt2.resolve_compile))
+    with pytest.raises(OnTheGPU) as e:
+        main(TINY + ["--data", str(ROOT / "input.txt"), "--log_dir", str(tmp_path / "run")])
+    device, precision = e.value.args[0], resolved["resolve_precision"]
+    name, arch, _ = AMD[gpu]
+    assert device == torch.device("cuda", 0)  # no refusal: its gfx target is in the list
+    assert (precision.dtype, precision.scaler) == ("bfloat16", False)
+    assert f"--dtype auto: {name} ({arch.split(':')[0]}) has bf16 matrix cores" in precision.reason
+    assert resolved["resolve_compile"] == (True, "")  # inductor through ROCm's Triton
+    assert "memory plan per GPU" in capsys.readouterr().out  # and its memory check passed
+    assert peak_flops(device, precision.dtype) == peak  # the step lines print MFU
+    # under torchrun the process group talks the `nccl` backend, which a ROCm torch runs on RCCL
+    backends = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: backends.append(backend))
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2")
+    assert setup_distributed("auto") == (True, 1, 2, torch.device("cuda", 1)) and backends == ["nccl"]
+
+
+def test_an_amd_gpu_whose_target_this_rocm_torch_lacks_is_one_line_naming_it(fake_rocm):
+    fake_rocm("RX 9070 XT")
+    with pytest.raises(UsageError) as e:
+        resolve_device("auto")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("AMD Radeon RX 9070 XT (gfx1201) has no kernels"), message
+    assert f"(ROCm 6.4.43482-0f2d60242, built for {' '.join(ROCM)})" in message
+    assert "install a ROCm build of torch for gfx1201, from https://pytorch.org/get-started/locally/" in message
+    fake_rocm("RX 9070 XT", archs=ROCM + ["gfx1200", "gfx1201"])
+    assert resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_amd_gpus_without_bf16_instructions_take_fp16_with_a_grad_scaler(fake_rocm):
+    # torch.cuda.is_bf16_supported says yes to every AMD GPU; RDNA 2 (gfx1030) has no bf16 instructions
+    picked = {}
+    for gpu in ("MI300X", "MI250X", "RX 7900 XTX", "RX 6900 XT"):
+        p = resolve_precision("auto", fake_rocm(gpu))
+        picked[gpu] = p.dtype, p.scaler
+        assert torch.cuda.is_bf16_supported(including_emulation=False)
+    assert picked == {"MI300X": ("bfloat16", False), "MI250X": ("bfloat16", False),
+                      "RX 7900 XTX": ("bfloat16", False), "RX 6900 XT": ("float16", True)}

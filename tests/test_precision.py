@@ -290,8 +290,8 @@ def test_compile_on_an_old_gpu_is_one_line_before_anything_is_written(fake_gpu, 
 
 
 def test_sampling_and_hellaswag_take_the_resolved_dtype(fake_gpu, monkeypatch):
-    # the entry points on a T4, up to the model's first use: sampling casts the weights to fp16, hellaswag.py
-    # autocasts to fp16 (both bf16 on every GPU before)
+    # the entry points on a T4, up to the model's first use: sampling casts the weights to fp16; hellaswag.py
+    # scores in float32 unless asked for --dtype auto, which autocasts to fp16 (both bf16 on every GPU before)
     fake_gpu("T4")
     seen = []
     monkeypatch.setattr(train_gpt2, "load_model", lambda source, device: tiny_model())
@@ -306,11 +306,12 @@ def test_sampling_and_hellaswag_take_the_resolved_dtype(fake_gpu, monkeypatch):
     for dtype in ("auto", "float32"):
         with pytest.raises(SystemExit, match="stop"):
             main(["--init_from", "model.pt", "--sample", "--dtype", dtype])
-    monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", "model.pt", "-d", "cuda",
-                                      "--data", str(ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl")])
-    with pytest.raises(SystemExit, match="stop"):
-        hellaswag.main()
-    assert seen == [torch.float16, torch.float32, torch.float16]
+    for dtype in ("float32", "auto"):
+        monkeypatch.setattr(sys, "argv", ["hellaswag.py", "-m", "model.pt", "-d", "cuda", "--dtype", dtype,
+                                          "--data", str(ROOT / "tests" / "fixtures" / "hellaswag_val_100.jsonl")])
+        with pytest.raises(SystemExit, match="stop"):
+            hellaswag.main()
+    assert seen == [torch.float16, torch.float32, None, torch.float16]
 
 
 # -----------------------------------------------------------------------------
@@ -340,10 +341,20 @@ def test_sampling_and_hellaswag_take_the_resolved_dtype(fake_gpu, monkeypatch):
     ("Tesla V100S-PCIE-32GB", None, 130e12),
     ("Tesla P100-PCIE-16GB", None, None),  # no tensor cores: no MFU
     ("NVIDIA GeForce GTX 1080 Ti", None, None),
+    ("AMD Instinct MI300X", 1307.4e12, 1307.4e12),
+    ("AMD Instinct MI325X", 1307.4e12, 1307.4e12),
+    ("AMD Instinct MI250X/MI250", 191.5e12, 191.5e12),  # one of its two GCDs, each a torch device
 ])
 def test_peak_flops_per_dtype_from_real_device_names(name, bf16, fp16):
     peaks = peak_flops_of(name)
     assert (peaks.get("bfloat16"), peaks.get("float16")) == (bf16, fp16)
+
+
+def test_amd_float32_peaks_are_tf32_on_mi300_and_fp32_matrix_on_mi250x():
+    # torch takes MI300's TF32 for float32 matmuls under set_float32_matmul_precision("high"); CDNA 2 has none
+    assert peak_flops_of("AMD Instinct MI300X")["float32"] == peak_flops_of("AMD Instinct MI325X")["float32"] \
+        == 653.7e12
+    assert peak_flops_of("AMD Instinct MI250X/MI250")["float32"] == 95.7e12 / 2
 
 
 def test_mfu_divides_by_the_peak_of_the_dtype_in_use(fake_gpu):
