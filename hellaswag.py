@@ -9,6 +9,9 @@ runs nothing.
     python hellaswag.py -m log/model_019073.pt --data path/to/hellaswag_val.jsonl
     python hellaswag.py -m gpt2 --limit 200 -d cpu                # a quick look
 
+It scores in float32 (TF32 matmuls on a GPU), as build-nanogpt scored OpenAI's 0.2955; `--dtype bfloat16` is
+faster on a GPU, and close endings may then flip.
+
 The last stdout line is JSON, {"examples": N, "acc": a, "acc_norm": b}, for scripts to read.
 """
 
@@ -170,8 +173,8 @@ def ending_losses(model, tokens, mask, autocast_dtype=None):
         logits, _ = model(tokens)
     # position t predicts token t+1. Only the ending tokens' losses are needed: taking just their
     # logits (a third of the rows) makes the softmax over the vocab cheaper. Padded vocab entries
-    # (50257..) are no real token and take no probability mass. float32: bf16 would blur the small
-    # differences between endings.
+    # (50257..) are no real token and take no probability mass. The softmax runs in float32, but under
+    # half-precision autocast the logits were already rounded by lm_head (70.1 is stored as 70.0).
     mask = mask[:, 1:].bool()
     scored = F.cross_entropy(logits[:, :-1][mask][:, :GPT2_VOCAB].float(), tokens[:, 1:][mask],
                              reduction="none")
@@ -273,6 +276,9 @@ def main(argv=None):
     parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                        help="float32 (TF32 matmuls on a GPU), as OpenAI's 0.2955 was scored; bfloat16 or float16 "
+                             "autocast, or auto (train_gpt2.py's choice), are faster on a GPU")
     args = parser.parse_args(argv)
     try:
         examples = load_examples(args.split, args.data, args.limit)  # before the model: bad data fails fast
@@ -283,16 +289,17 @@ def main(argv=None):
             print(note)
         if not examples:
             raise UsageError(f"no example left to score at block_size {model.config.block_size}")
-        # train_gpt2.py's --dtype auto: bf16 or fp16 autocast on a GPU, whichever it has tensor cores for (no
-        # GradScaler: nothing is backpropagated); the losses are float32 either way
-        precision = resolve_precision("auto", device)
+        precision = resolve_precision(args.dtype, device)  # no GradScaler, if fp16: nothing is backpropagated
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32, as build-nanogpt's hellaswag.py
         t0 = time.time()
         n, correct, correct_norm = evaluate(model, examples, device, args.batch_size,
                                             autocast_dtype=precision.autocast_dtype, progress=True)
         dt = time.time() - t0
     except UsageError as e:
         sys.exit(f"error: {e}")
-    print(f"{args.model} on HellaSwag {args.split}: {n} examples in {dt:.1f}s ({n / dt:.1f}/s on {device})")
+    print(f"{args.model} on HellaSwag {args.split}: {n} examples in {dt:.1f}s ({n / dt:.1f}/s on {device}, "
+          f"{precision.reason})")
     print(f"acc {correct / n:.4f}  acc_norm {correct_norm / n:.4f}")
     print(json.dumps({"examples": n, "acc": correct / n, "acc_norm": correct_norm / n}))
 

@@ -809,6 +809,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     block_size = raw_model.config.block_size
     hella_examples = hellaswag.load_for_run(cfg.hellaswag_data, block_size, master, distributed) \
         if cfg.hellaswag else None
+    # scored under the run's autocast, as build-nanogpt's run did; hellaswag.py scores a checkpoint in float32
+    hella_note = f" ({precision.dtype} autocast)" if precision.autocast_dtype else ""
     # val runs the step's model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
     model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer,
@@ -854,7 +856,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
                 if hella_examples is not None:
                     correct, total = hellaswag.evaluate_ranks(raw_model, hella_examples, rank, world, device,
                                                               precision, distributed)
-                    log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}")
+                    log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}"
+                              + hella_note)
                     log.log(step, "hella", correct / total, ".4f")
             # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
             if (master or parallel == "fsdp") and ((step > 0 and step % cfg.sample_interval == 0) or last):

@@ -293,3 +293,39 @@ def test_examples_a_short_context_cannot_score_are_left_out_in_one_line(tmp_path
     assert r.returncode == 0, r.stderr
     left_out = int(r.stdout.split(" of 100 HellaSwag examples left out")[0].split()[-1])
     assert 0 < left_out < 100 and json.loads(r.stdout.splitlines()[-1])["examples"] == 100 - left_out
+
+
+# -----------------------------------------------------------------------------
+# precision
+
+
+def test_the_standalone_score_on_a_gpu_is_float32_as_openais_0_2955_was_scored(hf_folder, monkeypatch):
+    # on a faked H100 (where --dtype auto takes bf16), hellaswag.py must score as the CPU does in float32: the
+    # model and the scoring are run on the CPU here, with what the script chose for the GPU
+    cpu = run_cli("-m", hf_folder, "--data", FIXTURE, "-d", "cpu")
+    assert cpu.returncode == 0 and "float32 (--dtype float32)" in cpu.stdout, cpu.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_90"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    matmul = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", matmul.append)
+    chosen = []
+    real_evaluate = hellaswag.evaluate
+
+    def evaluate(model, examples, device, batch_size, autocast_dtype=None, progress=False):
+        chosen.append((device, autocast_dtype))
+        return real_evaluate(model, examples, "cpu", batch_size, autocast_dtype=autocast_dtype)
+
+    monkeypatch.setattr(hellaswag, "load_model", lambda source, device: load_model(source, "cpu"))
+    monkeypatch.setattr(hellaswag, "evaluate", evaluate)
+    gpu = run_cli("-m", hf_folder, "--data", FIXTURE)
+    assert gpu.returncode == 0, gpu.stderr
+    assert chosen == [(torch.device("cuda", 0), None)] and matmul == ["high"]  # no autocast; TF32 matmuls
+    assert gpu.stdout.splitlines()[-1] == cpu.stdout.splitlines()[-1]  # the same counts
+    assert "on cuda:0, float32 (--dtype float32)" in gpu.stdout
+    chosen.clear()
+    assert run_cli("-m", hf_folder, "--data", FIXTURE, "--dtype", "bfloat16").returncode == 0  # faster, if asked
+    assert chosen == [(torch.device("cuda", 0), torch.bfloat16)]
