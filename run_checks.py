@@ -78,6 +78,8 @@ def check_config(model_cfg, cfg, sample_cfg, gpt2_vocab):
         except ImportError:
             raise UsageError(f"--wandb {cfg.wandb}: the wandb package is not installed; `pip install wandb` "
                              "(or drop --wandb)") from None
+    if cfg.eval_only and (sample_cfg.sample or sample_cfg.export is not None):
+        raise UsageError("--eval_only evaluates and exits, as --sample and --export do: pass one of them")
     if cfg.fsdp and cfg.optimizer == "muon":
         # Muon orthogonalises whole matrices, and a rank holds only row slices of them
         raise UsageError("--optimizer muon does not run with --fsdp "

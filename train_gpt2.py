@@ -735,7 +735,8 @@ def train(cfg, model_cfg, sample_cfg, given=()):
     """The run; returns the signal that stopped it early (with a checkpoint), or None when it ran to the end."""
     distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp, cfg.dist_timeout)
     try:
-        stopped_by = _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
+        run = evaluate_only if cfg.eval_only else _train
+        stopped_by = run(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
         if distributed:
             dist.barrier()  # every rank done before the group goes: gloo could otherwise abort a rank at exit
         return stopped_by
@@ -920,6 +921,40 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     return None if stopped is None else signum
 
 
+def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
+    """--eval_only: what a run's eval step prints, for --init_from (OpenAI's gpt2 ... gpt2-xl, a transformers folder
+    or a .pt) or the newest checkpoint in --log_dir, on the val tokens of --data; no step, nothing written."""
+    import hellaswag
+    source = cfg.init_from or on_rank_0(lambda: find_checkpoint(cfg.log_dir), distributed)
+    if source is None:
+        raise UsageError(f"--eval_only: no model to evaluate: pass --init_from (gpt2, a folder or a .pt), or a "
+                         f"--log_dir with checkpoints ('{cfg.log_dir}' has none)")
+    precision = resolve_precision(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as in training
+    _, val_shards = on_every_rank(lambda: find_data(cfg.data), distributed)
+    model = on_every_rank(lambda: load_model(source), distributed).to(device)
+    if cfg.seq_len > model.config.block_size:
+        raise UsageError(f"--seq_len {cfg.seq_len} is longer than {source}'s block_size {model.config.block_size}")
+    loader = DataLoader(val_shards, cfg.seq_len, model.config.vocab_size, shuffle=False)
+    n_tokens = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch) * cfg.seq_len
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    say(f"{source}: {model.num_params():,} parameters | {world} process(es) on {device} | "
+        f"{precision.reason} | {n_tokens:,} val tokens of {cfg.data}, T={cfg.seq_len}", flush=True)
+    result = {"model": source, "val_tokens": n_tokens}
+    result["val_loss"] = evaluate_val(model, loader, cfg, rank, world, device, precision.autocast(device.type),
+                                      distributed)
+    say(f"{source} | val loss {result['val_loss']:.4f}", flush=True)
+    examples = (hellaswag.load_for_run(cfg.hellaswag_data, model.config.block_size, rank == 0, distributed)
+                if cfg.hellaswag else None)
+    if examples is not None:
+        correct, total = hellaswag.evaluate_ranks(model, examples, rank, world, device, precision, distributed)
+        result.update(hellaswag_examples=total, hellaswag_acc_norm=correct / total)
+        say(f"{source} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}"
+            + (f" ({precision.dtype} autocast)" if precision.autocast_dtype else ""), flush=True)
+    say(json.dumps(result), flush=True)  # for scripts
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -949,6 +984,8 @@ class TrainConfig:
     # an XL checkpoint (18.7 GB) is the longest honest wait (docs/fault_tolerance.md)
     dist_timeout: int = 600
     resume: bool = False  # continue from the newest checkpoint in log_dir
+    # only evaluate --init_from (or the newest checkpoint in log_dir) as at an eval step: val loss, HellaSwag
+    eval_only: bool = False
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
     # activation checkpointing: each block keeps only its input and recomputes in backward
     recompute: bool = False
