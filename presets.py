@@ -12,6 +12,9 @@ SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.tx
 
 PRESETS = {
     "gpt2": {},  # 124M: the defaults are its recipe (GPT-3 Small's lr and batch, 10B tokens)
+    # 124M for four epochs of the same 10B tokens (~40B), build-nanogpt's second run, toward GPT-3 124M's
+    # HellaSwag: one warmup + cosine over all four; each epoch reads the shards and documents in a new order
+    "gpt2-4epochs": dict(max_steps=4 * 19073, log_dir="log_gpt2_4epochs"),
     # 350M: llm.c's run, 31.5B tokens, cosine to 0
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr=0.0, warmup_steps=700,
                         max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium"),

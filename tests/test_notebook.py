@@ -55,3 +55,20 @@ def test_play_notebook_says_where_it_looked_when_there_is_no_log(tmp_path, monke
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     text = run_notebook(tmp_path, plots_only=True)
     assert f"no log*/log.txt in {tmp_path}: train first (python train_gpt2.py --preset shakespeare)" in text
+
+
+def test_play_notebook_plots_the_one_and_four_epoch_runs_together(tmp_path, monkeypatch):
+    # the logs the 124M presets write, as train_gpt2.py writes them (a point every 4,000 steps here)
+    shutil.copy(ROOT / "play.ipynb", tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    for folder, steps in (("log", 19073), ("log_gpt2_4epochs", 76292)):
+        (tmp_path / folder).mkdir()
+        points = list(range(0, steps, 4000)) + [steps - 1]
+        (tmp_path / folder / "log.txt").write_text("0 tokens_per_step 524288\n" + "".join(
+            f"{s} val {4 - s / steps:.4f}\n{s} hella {0.25 + 0.08 * s / steps:.4f}\n{s} train {4 - s / steps:.6f}\n"
+            for s in points))
+    lines = run_notebook(tmp_path, plots_only=True).splitlines()
+    assert any(l.startswith("log/log.txt 524,288 tokens/step") and "last 0.3300 at step 19072" in l for l in lines)
+    assert any(l.startswith("log_gpt2_4epochs/log.txt 524,288 tokens/step") and "last 0.3300 at step 76291" in l
+               for l in lines)
+    assert "tokens axis: 524,288 tokens/step" in lines and not any("no HellaSwag" in l for l in lines)

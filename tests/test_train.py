@@ -738,3 +738,21 @@ def test_muon_compiled_run_matches_eager(tmp_path):
     for stream, tol in (("train", 1e-4), ("val", 2e-4)):
         eager, compiled = (read_log(tmp_path / d / "log.txt", stream) for d in ("eager", "compiled"))
         assert eager.keys() == compiled.keys() and max(abs(eager[s] - compiled[s]) for s in eager) <= tol
+
+
+def test_four_epoch_preset_spans_40b_tokens_with_one_schedule_and_a_new_order_each_epoch(tmp_path):
+    one, four = (parse_args(["--preset", p])[1] for p in ("gpt2", "gpt2-4epochs"))
+    assert four.max_steps == 76292 == 4 * one.max_steps and four.total_batch_size == one.total_batch_size
+    assert four.max_steps * four.total_batch_size == pytest.approx(40e9, rel=1e-3)
+    assert (four.data, four.warmup_steps, four.max_lr, four.shuffle) == (one.data, one.warmup_steps, one.max_lr, True)
+    # the cosine runs over all four epochs: half way down at two epochs, at min_lr only at the end
+    lr = lambda step: get_lr(step, four.max_lr, 0.1 * four.max_lr, four.warmup_steps, four.max_steps)
+    assert lr(four.warmup_steps + (four.max_steps - four.warmup_steps) // 2) == pytest.approx(0.55 * four.max_lr,
+                                                                                               rel=1e-4)
+    assert lr(one.max_steps) > 0.8 * four.max_lr and lr(four.max_steps - 1) == pytest.approx(0.1 * four.max_lr,
+                                                                                             rel=1e-6)
+    # a new seeded order of shards and documents each epoch: no two of the four epochs read the same sequences
+    loader = DataLoader(find_data(str(make_shards(tmp_path, [5, 40, 40, 40])))[0], 16, 50304, four.seed, four.shuffle)
+    epochs = [[tuple(loader.sequence(e * loader.seqs_per_epoch + q)) for q in range(loader.seqs_per_epoch)]
+              for e in range(4)]
+    assert all(epochs[e] != epochs[f] for e in range(4) for f in range(e))
