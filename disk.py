@@ -11,9 +11,9 @@ from errors import UsageError
 
 
 def write_atomically(path, write):
-    """write(f) into path's .tmp, then renamed over path: a reader, a rerun after a kill, or a resume after a power
-    loss finds the old file or the whole new one, never half of one. A failed write (a full disk) removes the
-    .tmp and leaves the old file as it was."""
+    """write(f) into path's .tmp, then renamed over path: a reader, a rerun after a kill, or a resume after a
+    power loss finds the old file or the whole new one, never half of one. A failed write (a full disk) removes
+    the .tmp and leaves the old file as it was."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -51,7 +51,8 @@ def check_checkpoint_room(cfg, size, start_step):
     free = free_bytes(cfg.log_dir)
     if free < size:
         raise UsageError(f"'{cfg.log_dir}' has {pretty_bytes(free)} free and a checkpoint needs "
-                         f"{pretty_bytes(size)}: free some space there, or pass a --log_dir on a disk with room")
+                         f"{pretty_bytes(size)}: free some space there, or pass a --log_dir on a disk with "
+                         "room")
     every = cfg.checkpoint_interval
     count = cfg.max_steps // every - start_step // every + (cfg.max_steps % every > 0)  # and the last step's
     if free < count * size:

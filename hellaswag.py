@@ -277,8 +277,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="float32 (TF32 matmuls on a GPU), as OpenAI's 0.2955 was scored; bfloat16 or float16 "
-                             "autocast, or auto (train_gpt2.py's choice), are faster on a GPU")
+                        help="float32 (TF32 matmuls on a GPU), as OpenAI's 0.2955 was scored; bfloat16 or "
+                             "float16 autocast, or auto (train_gpt2.py's choice), are faster on a GPU")
     args = parser.parse_args(argv)
     try:
         examples = load_examples(args.split, args.data, args.limit)  # before the model: bad data fails fast

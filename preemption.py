@@ -22,7 +22,8 @@ class StopOnSignal:
         self._before = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+        # Python runs signal handlers in the main thread, and only there can set them
+        if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self._before[sig] = signal.signal(sig, self._handle)
@@ -36,7 +37,8 @@ class StopOnSignal:
         name = signal.Signals(signum).name
         if self.signal is None:
             self.signal = signum
-            if self.say:  # os.write, not print: a handler that prints while the loop prints raises "reentrant call"
+            # os.write, not print: a handler that prints while the loop prints raises "reentrant call"
+            if self.say:
                 os.write(2, f"{name}: stopping at the end of this step with a checkpoint; "
                             f"another {name} ends the run at once\n".encode())
             return

@@ -121,7 +121,8 @@ def find_checkpoint(log_dir):
 
 def find_run(cfg, load):
     """The checkpoint to resume, or None for a fresh run that clobbers nothing. On rank 0: its disk decides.
-    The newest checkpoint that `load` can read: one cut short by a host crash is skipped with a line, and kept."""
+    The newest checkpoint that `load` can read: one cut short by a host crash is skipped with a line, and
+    kept."""
     if not cfg.resume:
         if find_checkpoint(cfg.log_dir) or os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
             raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "

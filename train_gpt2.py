@@ -914,16 +914,17 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
         log.print(f"peak GPU memory {pretty_bytes(peak_bytes)} (the plan: {pretty_bytes(planned)})")
     if stopped is not None:
         signum = stop.signal or signal.SIGTERM  # a rank stopped by another's signal ends as if it had one too
-        log.print(f"{signal.Signals(signum).name}{'' if stop.signal else ' on another rank'}: stopped after step "
-                  f"{stopped}, checkpoint {ckpt_file}; the same command with --resume goes on from step "
-                  f"{stopped + 1}")
+        where = "" if stop.signal else " on another rank"
+        log.print(f"{signal.Signals(signum).name}{where}: stopped after step {stopped}, checkpoint {ckpt_file}; "
+                  f"the same command with --resume goes on from step {stopped + 1}")
     log.close()
     return None if stopped is None else signum
 
 
 def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
-    """--eval_only: what a run's eval step prints, for --init_from (OpenAI's gpt2 ... gpt2-xl, a transformers folder
-    or a .pt) or the newest checkpoint in --log_dir, on the val tokens of --data; no step, nothing written."""
+    """--eval_only: what a run's eval step prints, for --init_from (OpenAI's gpt2 ... gpt2-xl, a transformers
+    folder or a .pt) or the newest checkpoint in --log_dir, on the val tokens of --data; no step, nothing
+    written."""
     import hellaswag
     source = cfg.init_from or on_rank_0(lambda: find_checkpoint(cfg.log_dir), distributed)
     if source is None:
@@ -935,7 +936,8 @@ def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, d
     _, val_shards = on_every_rank(lambda: find_data(cfg.data), distributed)
     model = on_every_rank(lambda: load_model(source), distributed).to(device)
     if cfg.seq_len > model.config.block_size:
-        raise UsageError(f"--seq_len {cfg.seq_len} is longer than {source}'s block_size {model.config.block_size}")
+        raise UsageError(f"--seq_len {cfg.seq_len} is longer than {source}'s block_size "
+                         f"{model.config.block_size}")
     loader = DataLoader(val_shards, cfg.seq_len, model.config.vocab_size, shuffle=False)
     n_tokens = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch) * cfg.seq_len
     say = print if rank == 0 else (lambda *args, **kwargs: None)
