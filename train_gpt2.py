@@ -334,6 +334,7 @@ class DataLoader:
             raise UsageError(f"{sum(lengths)} tokens are too few for one sequence of seq_len {T}; "
                              "use more data or a smaller --seq_len")
         self._cache = {}  # (epoch, shard) -> tokens in this epoch's document order; holds at most two
+        self._epoch = None  # (epoch, its shard order, where each shard's sequences end): made once an epoch
 
     def _shard_order(self, epoch):
         if not self.shuffle:
@@ -358,13 +359,24 @@ class DataLoader:
             self._cache[key] = tokens
         return self._cache[key]
 
+    def _runs(self, q, n):
+        """Sequences q..q+n-1 in runs that each lie in one shard: (that shard's tokens, the run's first token,
+        its number of sequences). A run ends at a shard's end, which may be an epoch's."""
+        while n > 0:
+            epoch, r = divmod(q, self.seqs_per_epoch)
+            if self._epoch is None or self._epoch[0] != epoch:
+                order = self._shard_order(epoch)
+                self._epoch = (epoch, order, np.cumsum(self.seqs_per_shard[order]))
+            _, order, ends = self._epoch
+            i = int(np.searchsorted(ends, r, side="right"))  # r falls in the i-th shard of the order
+            first = r - (int(ends[i - 1]) if i else 0)  # r's place among that shard's sequences
+            count = min(n, int(ends[i]) - r)
+            yield self._tokens(epoch, int(order[i])), first * self.T, count
+            q, n = q + count, n - count
+
     def sequence(self, q):
-        epoch, q = divmod(q, self.seqs_per_epoch)
-        order = self._shard_order(epoch)
-        bounds = np.cumsum(self.seqs_per_shard[order])
-        i = int(np.searchsorted(bounds, q, side="right"))
-        start = (q - (bounds[i - 1] if i else 0)) * self.T
-        return self._tokens(epoch, int(order[i]))[start:start + self.T + 1]
+        tokens, start, _ = next(self._runs(q, 1))
+        return tokens[start:start + self.T + 1]
 
     def batch(self, indices):
         rows = [self.sequence(q) for q in indices]  # perhaps none: a rank with no val batch left
@@ -377,10 +389,14 @@ class DataLoader:
         x, y = (torch.empty((accum, B, self.T), dtype=torch.long, pin_memory=pin_memory) for _ in range(2))
         xs, ys = x.numpy(), y.numpy()
         for micro in range(accum):
-            q = ((step * accum + micro) * world + rank) * B
-            for b in range(B):
-                seq = self.sequence(q + b)
-                xs[micro, b], ys[micro, b] = seq[:-1], seq[1:]
+            b = 0
+            for tokens, start, count in self._runs(((step * accum + micro) * world + rank) * B, B):
+                # consecutive sequences share a token (one's last target is the next's first input): the
+                # inputs are the run's tokens as count rows of T, the targets the same one token on
+                run = tokens[start:start + count * self.T + 1]
+                xs[micro, b:b + count] = run[:-1].reshape(count, self.T)
+                ys[micro, b:b + count] = run[1:].reshape(count, self.T)
+                b += count
         return x, y
 
 
