@@ -17,7 +17,8 @@ The checks, each one PASS or FAIL line with its figures:
   medium    --preset gpt2-medium (350M; --tiny: its flags with the tiny shape), 5 steps: ms/step, tok/s, MFU, memory
   sample    --sample from the step-8 checkpoint
   export    --export to a transformers folder: GPT2LMHeadModel's logits equal ours (float32 both sides)
-  hellaswag hellaswag.py -d DEVICE on the step-8 checkpoint
+  hellaswag hellaswag.py -d DEVICE on the step-8 checkpoint (float32, as OpenAI's 0.2955 was scored)
+  eval_only train_gpt2.py --eval_only on the step-4 checkpoint: the val loss the run logged at step 4
 then the figures of the steady steps (ms/step, tok/s, MFU), the wall time to the end of step 0, and peak GPU
 memory. The last line is `N passed, M failed` (`, K skipped` with --skip); the exit code is 1 if any check failed.
 A GPU session of a few minutes can leave out the slow checks: --skip medium,fsdp.
@@ -43,7 +44,8 @@ from train_gpt2 import GPT2_VOCAB, UsageError, load_model  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_100.jsonl")
 STEPS = 8
-CHECKS = ("train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag")
+CHECKS = ("train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag",
+          "eval_only")
 SIZES = {
     # GPT-2 124M with the recipe's batch: 8 micro-steps of 64 x 1024 on one GPU
     "gpt2": ["--batch_size", "64", "--seq_len", "1024", "--total_batch_size", "524288", "--val_tokens", "131072"],
@@ -305,6 +307,25 @@ def main(argv=None):
             report("hellaswag", True, f"acc_norm {res['acc_norm']:.4f} on {n_hellaswag} examples; {timing}")
         else:
             failed("hellaswag", rc, lines)
+
+    # --eval_only: the step-4 checkpoint holds the weights the run's step-4 val ran on (compiled there, eager here)
+    if want("eval_only"):
+        rc, lines = run([py, "train_gpt2.py", "--init_from", os.path.join(run_dir, "model_000004.pt"), "--eval_only",
+                         "--data", shards, "--device", str(device), "--dtype", "auto", "--no-hellaswag",
+                         *SIZES["tiny" if args.tiny else "gpt2"]])
+        logged = read_log(os.path.join(run_dir, "log.txt"), "val").get(4)
+        try:
+            val = json.loads(lines[-1][1])["val_loss"]
+        except (IndexError, ValueError, KeyError):
+            val = None
+        # log.txt keeps 4 decimals; on a GPU, bf16 eager vs compiled kernels round differently
+        eval_tol = 5e-3 if device.type == "cuda" else 1e-4
+        if rc == 0 and val is not None and logged is not None and abs(val - logged) <= eval_tol:
+            report("eval_only", True, f"val loss {val:.4f} vs the run's {logged:.4f} at step 4 (within {eval_tol})")
+        elif rc == 0:
+            report("eval_only", False, f"val loss {val} vs the run's {logged} at step 4 (tolerance {eval_tol})")
+        else:
+            failed("eval_only", rc, lines)
 
     for line in figures:
         print(f"figure    {line}")

@@ -124,10 +124,11 @@ def test_gpu_check_passes_on_cpu_with_a_tiny_model_and_skips_what_it_is_told(mon
     r = run_main(gpu_check.main, ["--device", "cpu", "--tiny", "--skip", "medium"])
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert lines[-1] == "9 passed, 0 failed, 1 skipped", r.stdout
+    assert lines[-1] == "10 passed, 0 failed, 1 skipped", r.stdout
     assert [line.split()[:2] for line in lines if line.startswith(("PASS", "SKIP", "FAIL"))] == \
         [["PASS", name] if name != "medium" else ["SKIP", name] for name in
-         ["train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag"]]
+         ["train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag",
+          "eval_only"]]
     r = run_main(gpu_check.main, ["--device", "cpu", "--skip", "train"])
     assert r.returncode != 0 and r.stderr.strip().startswith("error: --skip train: it takes checks among")
 
