@@ -20,7 +20,7 @@ ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "12", "--eval_i
 # train_gpt2.main, with signals sent as the run goes: at `STEP STREAM` (right after every rank logs it; only rank 0
 # writes) rank RANK sends SIGNAL to itself, or with `torchrun` as the target to torchrun, then waits until its own
 # handler has run (torchrun passes it on), so the run stops after the next step whatever the machine's load.
-# `twice` sends it twice.
+# `twice` sends it again after that.
 SIGNALLER = """
 import os, signal, sys, time, logger, preemption, train_gpt2
 rank, signame, target, where = sys.argv[1].split(" ", 3)
@@ -34,11 +34,12 @@ def log(self, step, stream, *args, _real=logger.Logger.log):
     if os.environ.get("RANK", "0") == rank and f"{step} {stream}" == where:
         sig = getattr(signal, signame)
         os.kill(os.getppid() if target == "torchrun" else os.getpid(), sig)
-        if target == "twice":
-            os.kill(os.getpid(), sig)
         deadline = time.monotonic() + 60
         while not handled and time.monotonic() < deadline:
             time.sleep(0.01)
+        if target == "twice":  # once the first was handled: two signals before it would be handled as one
+            os.kill(os.getpid(), sig)
+            time.sleep(60)
 logger.Logger.log = log
 train_gpt2.main(sys.argv[2:])
 """
