@@ -13,6 +13,8 @@ The checks, each one PASS or FAIL line with its figures:
             on a T4, V100 or RTX 20xx), no HellaSwag: losses within fp16 noise of the train check's (bf16 on a GPU, fp32 on a CPU)
   resume    --resume from the step-4 checkpoint: steps 4-7 repeat the uninterrupted run's losses
   torchrun  torchrun --standalone --nproc_per_node=1 (NCCL on a GPU): the same losses as without torchrun
+  preempt   the same, sent SIGTERM at step 0: it stops at a step boundary with a checkpoint, and --resume
+            ends with the train check's losses
   fsdp      the same with --fsdp (FSDP2, bf16 weights on a GPU): the same losses within bf16 rounding
   medium    --preset gpt2-medium (350M; --tiny: its flags with the tiny shape), 5 steps: ms/step, tok/s, MFU, memory
   sample    --sample from the step-8 checkpoint
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,8 +47,8 @@ from train_gpt2 import GPT2_VOCAB, UsageError, load_model  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_100.jsonl")
 STEPS = 8
-CHECKS = ("train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag",
-          "eval_only")
+CHECKS = ("train", "memory", "fp16", "resume", "torchrun", "preempt", "fsdp", "medium", "sample", "export",
+          "hellaswag", "eval_only")
 SIZES = {
     # GPT-2 124M with the recipe's batch: 8 micro-steps of 64 x 1024 on one GPU
     "gpt2": ["--batch_size", "64", "--seq_len", "1024", "--total_batch_size", "524288", "--val_tokens", "131072"],
@@ -56,13 +59,19 @@ SIZES = {
 STEP_LINE = re.compile(r"step +(\d+) \| loss ([\d.]+) .*\| (\d+) ms \| ([\d,]+) tok/s(?: \| MFU ([\d.]+)%)?")
 
 
-def run(cmd, timeout=600):
-    """Run cmd; returns (exit code, [(seconds since start, line)]) with stdout and stderr merged."""
+def run(cmd, timeout=600, sigterm_at=None):
+    """Run cmd; returns (exit code, [(seconds since start, line)]) with stdout and stderr merged. sigterm_at: a
+    line's beginning, at which the process is sent SIGTERM, as a spot reclaim or a time limit would."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(timeout, proc.kill)
     watchdog.start()
-    lines = [(time.monotonic() - t0, line.rstrip("\n")) for line in proc.stdout]
+    lines = []
+    for line in proc.stdout:
+        lines.append((time.monotonic() - t0, line.rstrip("\n")))
+        if sigterm_at and line.startswith(sigterm_at):
+            proc.send_signal(signal.SIGTERM)
+            sigterm_at = None
     watchdog.cancel()
     return proc.wait(), lines
 
@@ -228,6 +237,30 @@ def main(argv=None):
             report("torchrun", False, f"losses differ from the single-process run's by {diff:.2g} > {tol}")
         else:
             failed("torchrun", rc, lines)
+
+    # preempt: torchrun sent SIGTERM passes it on; the rank ends the step in flight (and perhaps the next: the
+    # flag rides the step's all-reduce) and writes a checkpoint, from which --resume runs to the end
+    if want("preempt"):
+        pre_dir = os.path.join(work, "preempt")
+        torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train_args,
+                    "--log_dir", pre_dir]
+        # at step 0's val, in the loop: the steps left leave time for the signal to arrive, whatever the load
+        rc, lines = run(torchrun + ["--checkpoint_interval", "1000"], sigterm_at="step     0 | val loss")
+        stopped = re.compile(r"SIGTERM: stopped after step (\d+), checkpoint")
+        stop = next((m for _, line in lines if (m := stopped.search(line))), None)
+        ckpts = sorted(f for f in os.listdir(pre_dir) if f.endswith(".pt")) if os.path.isdir(pre_dir) else []
+        if rc != 0 and stop and ckpts == [f"model_{int(stop[1]) + 1:06d}.pt"]:
+            rc, lines = run(torchrun + ["--resume"])
+            diff = max_diff(read_log(os.path.join(pre_dir, "log.txt"), "train"), train)
+            if rc == 0 and diff <= tol:
+                report("preempt", True, f"SIGTERM at step 0: stopped after step {stop[1]} with {ckpts[0]}; "
+                                        f"--resume to step {STEPS - 1}: max |loss diff| vs the train check {diff:.2g}")
+            elif rc == 0:
+                report("preempt", False, f"resumed losses differ from the train check's by {diff:.2g} > {tol}")
+            else:
+                failed("preempt", rc, lines)
+        else:
+            report("preempt", False, f"exit code {rc}, stop line {stop[0] if stop else None}, checkpoints {ckpts}")
 
     # torchrun --fsdp, one process: FSDP2 (bf16 weights gathered, fp32 gradients reduced) trains as the unsharded
     # run does, within bf16's rounding of the weights and the residual stream (a CPU runs it in fp32: exactly)

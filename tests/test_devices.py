@@ -4,6 +4,7 @@ faked where the code only asks torch about it, and bench/gpu_check.py, which a G
 here on the CPU with a tiny model so it cannot rot.
 """
 import contextlib
+import functools
 import re
 import shutil
 import sys
@@ -97,11 +98,13 @@ def test_export_writes_float32_weights_even_when_sampling_in_bf16(tmp_path):
     assert torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight[:50257])
 
 
-def forked(cmd, timeout=600):
+def forked(cmd, timeout=600, sigterm_at=None, real_run=None):
     """gpu_check's run(cmd) with the command forked as launch forks one: `torchrun --standalone
     --nproc_per_node=1 SCRIPT` as one rank, `python SCRIPT` as a process (fresh interpreters and torchrun's
     agent are tested in test_train.py). Its lines as gpu_check reads them: the JSON last if it worked, the error
     if not."""
+    if sigterm_at:  # a signal to torchrun as it runs: gpu_check's own run, real torchrun
+        return real_run(cmd, timeout, sigterm_at)
     _, *rest = cmd  # sys.executable first
     ranks, env = None, None
     if rest[:2] == ["-m", "torch.distributed.run"]:
@@ -120,15 +123,15 @@ def test_gpu_check_passes_on_cpu_with_a_tiny_model_and_skips_what_it_is_told(mon
     # flags run in tests/test_fsdp.py). Its commands are forked (forked above): the same checks in half the time
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_check
-    monkeypatch.setattr(gpu_check, "run", forked)
+    monkeypatch.setattr(gpu_check, "run", functools.partial(forked, real_run=gpu_check.run))
     r = run_main(gpu_check.main, ["--device", "cpu", "--tiny", "--skip", "medium"])
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert lines[-1] == "10 passed, 0 failed, 1 skipped", r.stdout
+    assert lines[-1] == "11 passed, 0 failed, 1 skipped", r.stdout
     assert [line.split()[:2] for line in lines if line.startswith(("PASS", "SKIP", "FAIL"))] == \
         [["PASS", name] if name != "medium" else ["SKIP", name] for name in
-         ["train", "memory", "fp16", "resume", "torchrun", "fsdp", "medium", "sample", "export", "hellaswag",
-          "eval_only"]]
+         ["train", "memory", "fp16", "resume", "torchrun", "preempt", "fsdp", "medium", "sample", "export",
+          "hellaswag", "eval_only"]]
     r = run_main(gpu_check.main, ["--device", "cpu", "--skip", "train"])
     assert r.returncode != 0 and r.stderr.strip().startswith("error: --skip train: it takes checks among")
 
