@@ -17,8 +17,8 @@ from errors import UsageError
 
 
 # There while the NVIDIA kernel module is loaded (its first line names the driver's version), and AMD's ROCm
-# kernel driver's device: a GPU box, whatever this torch sees. An AMD laptop's or desktop's Radeon has /dev/kfd
-# too: only Instinct GPUs (in the driver's topology, one folder per CPU or GPU) stop `--device auto`
+# kernel driver's device: a GPU box, whatever this torch sees. An AMD laptop's or desktop's Radeon has
+# /dev/kfd too: only Instinct GPUs (in the driver's topology, a folder per CPU or GPU) stop `--device auto`
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"
 AMD_DRIVER = "/dev/kfd"
 AMD_TOPOLOGY = "/sys/class/kfd/kfd/topology/nodes"

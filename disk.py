@@ -7,13 +7,16 @@ import contextlib
 import os
 import shutil
 
+import torch
+
 from errors import UsageError
+from run_checks import find_checkpoint
 
 
 def write_atomically(path, write):
     """write(f) into path's .tmp, then renamed over path: a reader, a rerun after a kill, or a resume after a
-    power loss finds the old file or the whole new one, never half of one. A failed write (a full disk) removes
-    the .tmp and leaves the old file as it was."""
+    power loss finds the old file or the whole new one, never half of one. A failed write (a full disk)
+    removes the .tmp and leaves the old file as it was."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -33,8 +36,23 @@ def write_atomically(path, write):
             os.close(folder)
 
 
+def write_checkpoint(path, ckpt, size):
+    """torch.save(ckpt) to path, fsync'd and renamed: a kill or a host crash mid-write leaves the previous
+    checkpoint the newest. A write that fails (a disk filled since step 0) is one line; `size`: what it
+    needs."""
+    folder = os.path.dirname(path) or "."
+    try:
+        write_atomically(path, lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:  # a full disk is torch.save's RuntimeError "enforce fail at ..."
+        previous = find_checkpoint(folder) or "no earlier checkpoint"
+        raise UsageError(f"could not write {path} ({str(e).splitlines()[0][:100]}): '{folder}' has "
+                         f"{pretty_bytes(free_bytes(folder))} free and a checkpoint needs "
+                         f"{pretty_bytes(size)}; {previous} is intact: free some space there and --resume"
+                         ) from None
+
+
 def free_bytes(folder):
-    """The bytes free to this user on folder's filesystem; a folder not made yet is on its nearest parent's."""
+    """The bytes free to this user on folder's filesystem (a folder not made yet: its nearest parent's)."""
     folder = os.path.abspath(folder)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -46,8 +64,8 @@ def pretty_bytes(n):
 
 
 def check_checkpoint_room(cfg, size, start_step):
-    """Before step 0: stop when --log_dir's disk has no room for one checkpoint of `size` bytes, and say so when
-    it has none for all that the run writes from start_step on (it keeps every one)."""
+    """Before step 0: stop when --log_dir's disk has no room for one checkpoint of `size` bytes, and say so
+    when it has none for all that the run writes from start_step on (it keeps every one)."""
     free = free_bytes(cfg.log_dir)
     if free < size:
         raise UsageError(f"'{cfg.log_dir}' has {pretty_bytes(free)} free and a checkpoint needs "

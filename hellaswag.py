@@ -258,6 +258,12 @@ def evaluate_ranks(raw_model, examples, rank, world, device, precision, distribu
     return tuple(counts.tolist())
 
 
+def run_line(correct, total, precision):
+    # scored under the run's autocast, as build-nanogpt's run did; this script scores a checkpoint in float32
+    autocast = f" ({precision.dtype} autocast)" if precision.autocast_dtype else ""
+    return f"HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}{autocast}"
+
+
 # -----------------------------------------------------------------------------
 # command line
 

@@ -12,9 +12,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopOnSignal:
-    """With it, the first SIGTERM or SIGINT only sets `signal`, which the loop reads at its next step boundary;
-    the handlers before it come back on exit. A signal this process ignores (nohup, a background job's SIGINT)
-    stays ignored."""
+    """With it, the first SIGTERM or SIGINT only sets `signal`, which the loop reads at its next step
+    boundary; the handlers before it come back on exit. A signal this process ignores (nohup, a background
+    job's SIGINT) stays ignored."""
 
     def __init__(self, say):
         self.say = say  # whether this process prints the first signal's line (rank 0)
@@ -32,6 +32,17 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self._before.items():
             signal.signal(sig, handler)
+
+    @property
+    def stopped_by(self):
+        # a rank stopped by another's signal ends as if it had one too: every rank exits alike
+        return self.signal or signal.SIGTERM
+
+    def summary(self, step, checkpoint):
+        """The run's last line, once the loop stopped after `step` and wrote `checkpoint`."""
+        where = "" if self.signal else " on another rank"
+        return (f"{signal.Signals(self.stopped_by).name}{where}: stopped after step {step}, checkpoint "
+                f"{checkpoint}; the same command with --resume goes on from step {step + 1}")
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name

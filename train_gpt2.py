@@ -9,7 +9,8 @@ data loader, the optimizer, the step, evaluation, checkpoints and the loop. Impo
 
 Every flag is a field of GPTConfig, TrainConfig or SampleConfig, with its default and reason; a --preset sets
 several at once (presets.py) and explicit flags override it. The machinery beside it is in devices.py,
-memory_plan.py, run_checks.py, ranks.py, preemption.py, disk.py, logger.py, muon.py and hf_export.py.
+memory_plan.py, run_checks.py, ranks.py, preemption.py, disk.py, logger.py, muon.py, hf_export.py and
+eval_only.py.
 """
 
 import argparse
@@ -20,7 +21,6 @@ import glob
 import json
 import math
 import os
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +38,7 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from disk import check_checkpoint_room, free_bytes, pretty_bytes, write_atomically
+from disk import check_checkpoint_room, pretty_bytes, write_checkpoint
 from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_device, resolve_precision
 from errors import CorruptCheckpoint, UsageError
 from logger import Logger
@@ -649,15 +649,8 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, distributed, 
     def write():
         # the tied wte / lm_head weight stored once (FSDP gathers it under each name, as two tensors)
         model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
-        try:  # fsync'd and renamed: a kill or a host crash mid-write leaves the previous checkpoint the newest
-            write_atomically(path, lambda f: torch.save(ckpt, f))
-        except (OSError, RuntimeError) as e:  # a full disk is torch.save's RuntimeError "enforce fail at ..."
-            from memory_plan import checkpoint_bytes
-            need = checkpoint_bytes(raw_model.config, cfg)
-            raise UsageError(f"could not write {path} ({str(e).splitlines()[0][:100]}): '{cfg.log_dir}' has "
-                             f"{pretty_bytes(free_bytes(cfg.log_dir))} free and a checkpoint needs "
-                             f"{pretty_bytes(need)}; {find_checkpoint(cfg.log_dir) or 'no earlier checkpoint'} "
-                             "is intact: free some space there and --resume") from None
+        from memory_plan import checkpoint_bytes
+        write_checkpoint(path, ckpt, checkpoint_bytes(raw_model.config, cfg))
     on_rank_0(write, distributed)
 
 
@@ -684,7 +677,8 @@ def load_checkpoint(path):
             raise UsageError(f"checkpoint '{path}' ({size:.1f} GiB) does not fit in this machine's free "
                              "memory: free some, or load it where there is more") from None
         raise CorruptCheckpoint(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass another") from None
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass another"
+                                ) from None
 
 
 def load_model(name_or_path, device="cpu"):
@@ -748,10 +742,12 @@ def restore_state(ckpt, raw_model, optimizer, device, scaler=None, fsdp=False):
 
 
 def train(cfg, model_cfg, sample_cfg, given=()):
-    """The run; returns the signal that stopped it early (with a checkpoint), or None when it ran to the end."""
+    """The run; returns the signal that stopped it early (with a checkpoint), or None if it ran to the end."""
     distributed, rank, world, device = setup_distributed(cfg.device, cfg.fsdp, cfg.dist_timeout)
     try:
-        run = evaluate_only if cfg.eval_only else _train
+        run = _train
+        if cfg.eval_only:
+            from eval_only import evaluate_only as run  # only here: it imports this file
         stopped_by = run(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device)
         if distributed:
             dist.barrier()  # every rank done before the group goes: gloo could otherwise abort a rank at exit
@@ -826,8 +822,6 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     block_size = raw_model.config.block_size
     hella_examples = hellaswag.load_for_run(cfg.hellaswag_data, block_size, master, distributed) \
         if cfg.hellaswag else None
-    # scored under the run's autocast, as build-nanogpt's run did; hellaswag.py scores a checkpoint in float32
-    hella_note = f" ({precision.dtype} autocast)" if precision.autocast_dtype else ""
     # val runs the step's model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
     model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer,
@@ -865,16 +859,17 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
         for step in range(start_step, cfg.max_steps):
             last = step == cfg.max_steps - 1
             if step % cfg.eval_interval == 0 or last:
-                # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs first
+                # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs
+                # first
                 val_model = model if use_compile else raw_model
-                val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast, distributed)
+                val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast,
+                                        distributed)
                 log.print(f"step {step:5d} | val loss {val_loss:.4f}")
                 log.log(step, "val", val_loss, ".4f")
                 if hella_examples is not None:
                     correct, total = hellaswag.evaluate_ranks(raw_model, hella_examples, rank, world, device,
                                                               precision, distributed)
-                    log.print(f"step {step:5d} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}"
-                              + hella_note)
+                    log.print(f"step {step:5d} | {hellaswag.run_line(correct, total, precision)}")
                     log.log(step, "hella", correct / total, ".4f")
             # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
             if (master or parallel == "fsdp") and ((step > 0 and step % cfg.sample_interval == 0) or last):
@@ -897,7 +892,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
                 # one warmup + cosine shape; Muon's group has its own peak
                 group["lr"] = lr * (peak_lr / cfg.max_lr)
             norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, scaler)
-            # the step's one wait for the GPU; a non-finite step stops the run before any checkpoint is written
+            # the step's one wait for the GPU; a non-finite step stops the run before a checkpoint is written
             loss, norm, stopping = torch.stack([loss, norm, stopping]).tolist()
             dt = time.time() - t0
             skipped = step_skipped(loss, norm, scaler, step, cfg.log_dir)
@@ -929,48 +924,9 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
         peak_bytes = torch.cuda.max_memory_allocated(device)
         log.print(f"peak GPU memory {pretty_bytes(peak_bytes)} (the plan: {pretty_bytes(planned)})")
     if stopped is not None:
-        signum = stop.signal or signal.SIGTERM  # a rank stopped by another's signal ends as if it had one too
-        where = "" if stop.signal else " on another rank"
-        log.print(f"{signal.Signals(signum).name}{where}: stopped after step {stopped}, checkpoint {ckpt_file}; "
-                  f"the same command with --resume goes on from step {stopped + 1}")
+        log.print(stop.summary(stopped, ckpt_file))
     log.close()
-    return None if stopped is None else signum
-
-
-def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
-    """--eval_only: what a run's eval step prints, for --init_from (OpenAI's gpt2 ... gpt2-xl, a transformers
-    folder or a .pt) or the newest checkpoint in --log_dir, on the val tokens of --data; no step, nothing
-    written."""
-    import hellaswag
-    source = cfg.init_from or on_rank_0(lambda: find_checkpoint(cfg.log_dir), distributed)
-    if source is None:
-        raise UsageError(f"--eval_only: no model to evaluate: pass --init_from (gpt2, a folder or a .pt), or a "
-                         f"--log_dir with checkpoints ('{cfg.log_dir}' has none)")
-    precision = resolve_precision(cfg.dtype, device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # as in training
-    _, val_shards = on_every_rank(lambda: find_data(cfg.data), distributed)
-    model = on_every_rank(lambda: load_model(source), distributed).to(device)
-    if cfg.seq_len > model.config.block_size:
-        raise UsageError(f"--seq_len {cfg.seq_len} is longer than {source}'s block_size "
-                         f"{model.config.block_size}")
-    loader = DataLoader(val_shards, cfg.seq_len, model.config.vocab_size, shuffle=False)
-    n_tokens = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch) * cfg.seq_len
-    say = print if rank == 0 else (lambda *args, **kwargs: None)
-    say(f"{source}: {model.num_params():,} parameters | {world} process(es) on {device} | "
-        f"{precision.reason} | {n_tokens:,} val tokens of {cfg.data}, T={cfg.seq_len}", flush=True)
-    result = {"model": source, "val_tokens": n_tokens}
-    result["val_loss"] = evaluate_val(model, loader, cfg, rank, world, device, precision.autocast(device.type),
-                                      distributed)
-    say(f"{source} | val loss {result['val_loss']:.4f}", flush=True)
-    examples = (hellaswag.load_for_run(cfg.hellaswag_data, model.config.block_size, rank == 0, distributed)
-                if cfg.hellaswag else None)
-    if examples is not None:
-        correct, total = hellaswag.evaluate_ranks(model, examples, rank, world, device, precision, distributed)
-        result.update(hellaswag_examples=total, hellaswag_acc_norm=correct / total)
-        say(f"{source} | HellaSwag acc_norm {correct}/{total} = {correct / total:.4f}"
-            + (f" ({precision.dtype} autocast)" if precision.autocast_dtype else ""), flush=True)
-    say(json.dumps(result), flush=True)  # for scripts
+    return None if stopped is None else stop.stopped_by
 
 
 # -----------------------------------------------------------------------------
@@ -1059,7 +1015,7 @@ def main(argv=None):
         check_config(model_cfg, cfg, sample_cfg, GPT2_VOCAB)
         if not sample_cfg.sample and sample_cfg.export is None:
             stopped_by = train(cfg, model_cfg, sample_cfg, given)
-            if stopped_by:  # exit as the signal would have (128 + N): a job script can tell the run is not done
+            if stopped_by:  # exit as the signal would (128 + N): a job script can tell the run is not done
                 sys.exit(128 + stopped_by)
             return
         source = cfg.init_from or find_checkpoint(cfg.log_dir)
