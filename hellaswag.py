@@ -184,12 +184,13 @@ def ending_losses(model, tokens, mask, autocast_dtype=None):
 
 
 def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autocast_dtype=None,
-             progress=False):
+             progress=False, between_batches=None):
     """
     Score examples[rank::world_size] with `model` (our GPT: model(idx) -> (logits, loss)), batch_size
     examples (4 rows each) per forward. Returns this rank's counts (examples, correct by lowest sum
     loss, correct by lowest mean loss) for the caller to all-reduce. Pass the model without
     torch.compile: every batch has its own length, which would recompile the graph again and again.
+    between_batches(), if given, runs on every rank before each batch and may raise to end the eval there.
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1 (got {batch_size})")
@@ -207,6 +208,8 @@ def evaluate(model, examples, device, batch_size=16, rank=0, world_size=1, autoc
     n_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
     with torch.no_grad():  # not inference_mode: FSDP2 would gather its weights as inference tensors
         for start in range(0, n_batches * batch_size, batch_size):
+            if between_batches is not None:
+                between_batches()
             batch = [rendered[i] for i in order[start:start + batch_size]]
             if not batch:
                 model(torch.zeros((1, 1), dtype=torch.long, device=device))  # for the other ranks' sake
@@ -249,11 +252,11 @@ def load_for_run(data, block_size, master, distributed):
     return examples or None
 
 
-def evaluate_ranks(raw_model, examples, rank, world, device, precision, distributed):
+def evaluate_ranks(raw_model, examples, rank, world, device, precision, distributed, between_batches=None):
     """(correct by acc_norm, examples) over all ranks, each scoring its share with the uncompiled model."""
     with torch.compiler.set_stance("force_eager"):  # under FSDP the blocks are compiled in place
         n, _, n_norm = evaluate(raw_model, examples, device, rank=rank, world_size=world,
-                                autocast_dtype=precision.autocast_dtype)
+                                autocast_dtype=precision.autocast_dtype, between_batches=between_batches)
     counts = all_reduce(torch.tensor([n_norm, n], dtype=torch.long, device=device), distributed)
     return tuple(counts.tolist())
 

@@ -5,7 +5,8 @@ follows llm.c's recipes and GPT-3's table 2.1 (docs/family.md); the Shakespeare 
 
 import os
 
-# the family trains on FineWeb-Edu sample-100BT, with the micro-batch that fits an 80 GB GPU under DDP
+# the family trains on FineWeb-Edu sample-100BT, with the micro-batch that fits an 80 GB GPU under DDP, and
+# skips a loss spike's update as llm.c's scripts do (-sl 7 -sg 7)
 FAMILY_DATA = "edu_fineweb100B"
 SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")  # shipped
 
@@ -17,13 +18,16 @@ PRESETS = {
     "gpt2-4epochs": dict(max_steps=4 * 19073, log_dir="log_gpt2_4epochs"),
     # 350M: llm.c's run, 31.5B tokens, cosine to 0
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr=0.0, warmup_steps=700,
-                        max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium"),
+                        max_steps=60000, batch_size=32, data=FAMILY_DATA, log_dir="log_gpt2-medium",
+                        skip_outliers=7.0),
     # 774M: llm.c's lr, and XL's 32B tokens (llm.c ran 150B, more than sample-100BT holds)
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, min_lr=0.0, warmup_steps=700,
-                       max_steps=61035, batch_size=16, data=FAMILY_DATA, log_dir="log_gpt2-large"),
+                       max_steps=61035, batch_size=16, data=FAMILY_DATA, log_dir="log_gpt2-large",
+                       skip_outliers=7.0),
     # 1558M: llm.c's 24-hour run on one 8xH100 node, 33.6B tokens
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, warmup_steps=700, max_steps=32000,
-                    total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl"),
+                    total_batch_size=1048576, batch_size=8, data=FAMILY_DATA, log_dir="log_gpt2-xl",
+                    skip_outliers=7.0),
     # OpenAI's 124M fine-tuned on Tiny Shakespeare as nanoGPT's finetune_shakespeare.py: a constant lr of 3e-5
     "shakespeare-finetune": dict(init_from="gpt2", data=SHAKESPEARE, log_dir="log_shakespeare_finetune",
                                  batch_size=8, total_batch_size=32768, max_lr=3e-5, min_lr=3e-5,

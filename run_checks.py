@@ -64,6 +64,7 @@ def check_config(model_cfg, cfg, sample_cfg, gpt2_vocab):
     need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr",
          f"a learning rate from 0 to --max_lr {cfg.max_lr}")
     need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
+    need(cfg.skip_outliers >= 0, "skip_outliers", "a z-score > 0, e.g. 7 as llm.c's scripts (0: off)")
     need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
     need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
     need(0 <= cfg.seed < 2**64, "seed", "an integer from 0 to 2**64 - 1")
@@ -128,12 +129,17 @@ def find_run(cfg, load):
             raise UsageError(f"'{cfg.log_dir}' already holds a run: pass --resume to continue it, "
                              "or a new --log_dir (or delete the folder) to start afresh")
         return None
-    for path in sorted(glob.glob(os.path.join(cfg.log_dir, "model_*.pt")), reverse=True):
+    paths = sorted(glob.glob(os.path.join(cfg.log_dir, "model_*.pt")), reverse=True)
+    for path in paths:
         try:
             load(path)
             return path
         except CorruptCheckpoint as e:
             print(f"--resume: skipping {path}, which does not load ({e}); it is kept", flush=True)
+    if paths:  # starting over would rewrite log.txt, the run's history: the user decides, nothing is touched
+        raise UsageError(f"--resume: none of the {len(paths)} checkpoint(s) in '{cfg.log_dir}' loads "
+                         f"({', '.join(map(os.path.basename, paths))}); log.txt and they are left as they are: "
+                         "move them away to start afresh there, or pass a new --log_dir")
     # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
     print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
     return None

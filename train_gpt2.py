@@ -42,7 +42,8 @@ from disk import check_checkpoint_room, pretty_bytes, write_checkpoint
 from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_device, resolve_precision
 from errors import CorruptCheckpoint, UsageError
 from logger import Logger
-from preemption import StopOnSignal
+from outliers import SkipOutliers
+from preemption import StopOnSignal, Stopped
 from presets import PRESETS
 from ranks import attempt_store, on_every_rank, on_rank_0
 from run_checks import (check_config, check_resume, check_same_data, check_shape, data_identity,
@@ -406,7 +407,9 @@ def find_data(path):
         if not os.path.isfile(path):
             raise UsageError(f"text file {path} does not exist; try --data input.txt")
         text = open(path, encoding="utf-8").read()
-        tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+        # straight into numpy: encode_ordinary's list of ints costs ~56 bytes a token (15 GB for a 1 GB text);
+        # disallowed_special=(): <|endoftext|> in the text is text, as encode_ordinary takes it
+        tokens = get_tokenizer().encode_to_numpy(text, disallowed_special=()).astype(np.uint16)
         if len(tokens) < 20:
             raise UsageError(f"{path} holds only {len(tokens)} tokens; give it more text")
         split = int(0.9 * len(tokens))  # the last 10% is held out for validation
@@ -551,22 +554,26 @@ def accumulate_gradients(model, batches, autocast, parallel=None, *, scaler=None
     return loss_sum
 
 
-def optimizer_step(optimizer, params, max_norm, scaler=None):
-    """Clip and step; returns the gradient norm before clipping, a tensor (read with the loss: one host sync).
-    A GradScaler unscales first and skips a step with an inf/nan gradient, whose norm is then inf/nan too."""
-    if scaler is None:
-        norm = clip_grad_norm(params, max_norm)
-        optimizer.step()
-        return norm
-    # MuonAdamW: c_attn's gradient reaches unscale_ through q, k, v views
-    if hasattr(optimizer, "share_grads"):
-        optimizer.share_grads()
-    scaler.unscale_(optimizer)
+def optimizer_step(optimizer, params, max_norm, loss, scaler=None, outliers=None):
+    """Clip and step. Returns the gradient norm before clipping, a tensor (read with the loss: one host sync),
+    and why the update was skipped for --skip_outliers (None: applied), which reads the loss and the norm
+    first, as llm.c does. A GradScaler unscales first and skips a step with an inf/nan gradient itself."""
+    if scaler is not None:
+        if hasattr(optimizer, "share_grads"):  # MuonAdamW: c_attn's gradient reaches unscale_ through views
+            optimizer.share_grads()
+        scaler.unscale_(optimizer)
     norm = clip_grad_norm(params, max_norm)
-    # fused AdamW (CUDA) takes the inf flag into its kernel; others make GradScaler read it on the host
-    scaler.step(optimizer)
-    scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
-    return norm
+    skip = None
+    if outliers is not None:
+        loss_value, norm_value = torch.stack([loss, norm]).tolist()
+        if not (scaler is not None and math.isfinite(loss_value) and not math.isfinite(norm_value)):
+            skip = outliers.check(loss_value, norm_value)  # an fp16 overflow is the GradScaler's to skip
+    if skip is None:
+        # fused AdamW (CUDA) takes the scaler's inf flag into its kernel; others make it read it on the host
+        optimizer.step() if scaler is None else scaler.step(optimizer)
+    if scaler is not None:
+        scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+    return norm, skip
 
 
 def clip_grad_norm(params, max_norm):
@@ -577,29 +584,32 @@ def clip_grad_norm(params, max_norm):
 
 
 def step_skipped(loss, norm, scaler, step, log_dir):
-    """Whether GradScaler skipped this step (its norm is inf/nan: an fp16 overflow, routine), or a UsageError
-    if the run diverged (a non-finite loss, scaler or not)."""
+    """Why GradScaler skipped this step (its norm is inf/nan: an fp16 overflow, routine), None if it did not,
+    or a UsageError if the run diverged (a non-finite loss, scaler or not)."""
     skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
     if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
         raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
-                         f"lower --max_lr or check the data. The last good checkpoint is intact: "
-                         f"{find_checkpoint(log_dir)}")
-    return skipped
+                         f"lower --max_lr, check the data, or --skip_outliers 7. The last good checkpoint is "
+                         f"intact: {find_checkpoint(log_dir)}")
+    return "inf/nan fp16 gradients, the loss scale is halved" if skipped else None
 
 
 # -----------------------------------------------------------------------------
 # evaluation
 
 
-def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=False):
+def evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed=False, between_batches=None):
     # The step's module and graph, autograd on: without dropout, train mode gives the same loss, and no_grad
     # would compile a second graph (33 s for 124M on an H200). Through DDP (no_sync), so dynamo splits it.
+    # between_batches(): run on every rank before each batch; it may raise to end the eval (a signal)
     n_seqs = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch)
     mine = list(range(rank, n_seqs, world))
     total = torch.zeros(2, device=device)  # sum of per-token losses, number of tokens
     # every rank runs the same number of batches, some perhaps empty: under FSDP each forward is a collective
     with model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext():
         for i in range(0, math.ceil(n_seqs / world), cfg.batch_size):
+            if between_batches is not None:
+                between_batches()
             x, y = loader.batch(mine[i:i + cfg.batch_size])
             n_tokens = y.numel()
             # a short last batch is padded to the compiled shape; its -1 targets are ignored by the loss
@@ -622,7 +632,7 @@ def batch_loss(model, x, y, autocast):
 # checkpoints and resuming
 
 
-def save_checkpoint(path, raw_model, optimizer, step, cfg, device, distributed, scaler=None):
+def save_checkpoint(path, raw_model, optimizer, step, cfg, device, distributed, scaler=None, outliers=None):
     """Called on every rank (under FSDP the gathers are collectives); rank 0 writes, and a write that fails
     (a disk filled since step 0) stops every rank with one line, the previous checkpoint intact."""
     if cfg.fsdp:
@@ -645,6 +655,8 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, distributed, 
         "rng": {"cpu": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        # --skip_outliers' windows: a resumed run skips what the uninterrupted one would
+        **({"outliers": outliers.state_dict()} if outliers is not None else {}),
     }
     def write():
         # the tied wte / lm_head weight stored once (FSDP gathers it under each name, as two tensors)
@@ -717,8 +729,9 @@ def build_model(cfg, model_cfg, given, ckpt):
     return model
 
 
-def restore_state(ckpt, raw_model, optimizer, device, scaler=None, fsdp=False):
-    """The optimizer state, the RNGs and the loss scale of a checkpoint; returns the step to continue from."""
+def restore_state(ckpt, raw_model, optimizer, device, scaler=None, fsdp=False, outliers=None):
+    """The optimizer state, the RNGs, the loss scale and the outlier windows of a checkpoint; returns the step
+    to continue from."""
     state = ckpt["optimizer"]
     # under FSDP each rank keeps its shards; a state-less checkpoint (fp16, no step taken yet) loads as is, as
     # DCP would give it zero moments at step 1
@@ -731,6 +744,8 @@ def restore_state(ckpt, raw_model, optimizer, device, scaler=None, fsdp=False):
     # else a run that was not fp16 goes on in fp16 from a fresh scale
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
+    if outliers is not None and "outliers" in ckpt:
+        outliers.load_state_dict(ckpt["outliers"])
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
@@ -827,7 +842,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer,
                                     cfg.muon_lr, cfg.muon_momentum, cfg.muon_split_qkv)
     hypers = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    start_step = restore_state(ckpt, raw_model, optimizer, device, scaler, cfg.fsdp) if ckpt else 0
+    outliers = SkipOutliers(cfg.skip_outliers) if cfg.skip_outliers else None  # llm.c's -sl/-sg
+    start_step = restore_state(ckpt, raw_model, optimizer, device, scaler, cfg.fsdp, outliers) if ckpt else 0
     for group, h in zip(optimizer.param_groups, hypers):
         # load_state_dict brought back the checkpoint's weight_decay, lr...: the command line wins
         group.update(h)
@@ -852,29 +868,37 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     load_step = functools.partial(train_loader.step_batches, accum=accum, rank=rank, world=world, B=B,
                                   pin_memory=device.type == "cuda")
     next_batches = prefetcher.submit(load_step, start_step)
-    step_times, n_skipped, stopped = [], 0, None  # stopped: the step after which a signal ended the run
-    # from step 0 on, a SIGTERM or SIGINT (a reclaimed spot instance, a time limit, Ctrl-C) ends the run at a
-    # step boundary with a checkpoint (preemption.py); before it there is nothing to keep
-    with StopOnSignal(say=master) as stop:
+    step_times, n_overflows = [], 0
+    done, saved = start_step, start_step if start_step else None  # steps done; those the newest checkpoint holds
+    ckpt_file = lambda steps: os.path.join(cfg.log_dir, f"model_{steps:06d}.pt")
+    # from step 0 on, a SIGTERM or SIGINT (a reclaimed spot instance, a time limit, Ctrl-C) ends the run after
+    # the step in flight, or between an eval's batches, with a checkpoint (preemption.py)
+    with StopOnSignal(master, device, distributed) as stop:
         for step in range(start_step, cfg.max_steps):
             last = step == cfg.max_steps - 1
-            if step % cfg.eval_interval == 0 or last:
-                # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs
-                # first
-                val_model = model if use_compile else raw_model
-                val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast,
-                                        distributed)
-                log.print(f"step {step:5d} | val loss {val_loss:.4f}")
-                log.log(step, "val", val_loss, ".4f")
-                if hella_examples is not None:
-                    correct, total = hellaswag.evaluate_ranks(raw_model, hella_examples, rank, world, device,
-                                                              precision, distributed)
-                    log.print(f"step {step:5d} | {hellaswag.run_line(correct, total, precision)}")
-                    log.log(step, "hella", correct / total, ".4f")
-            # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
-            if (master or parallel == "fsdp") and ((step > 0 and step % cfg.sample_interval == 0) or last):
-                with autocast, torch.compiler.set_stance("force_eager"):
-                    log.samples(step, sample_text(raw_model, sample_cfg, seed=42, device=device))
+            try:  # a signal cuts the eval short, unlogged: the resumed run starts at this step, eval and all
+                if step % cfg.eval_interval == 0 or last:  # val's first check comes before its first batch
+                    # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs
+                    # first
+                    val_model = model if use_compile else raw_model
+                    val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast,
+                                            distributed, stop.check)
+                    log.print(f"step {step:5d} | val loss {val_loss:.4f}")
+                    log.log(step, "val", val_loss, ".4f")
+                    if hella_examples is not None:
+                        correct, total = hellaswag.evaluate_ranks(raw_model, hella_examples, rank, world,
+                                                                  device, precision, distributed,
+                                                                  stop.check)
+                        log.print(f"step {step:5d} | {hellaswag.run_line(correct, total, precision)}")
+                        log.log(step, "hella", correct / total, ".4f")
+                # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
+                if (step > 0 and step % cfg.sample_interval == 0) or last:
+                    stop.check()
+                    if master or parallel == "fsdp":
+                        with autocast, torch.compiler.set_stance("force_eager"):
+                            log.samples(step, sample_text(raw_model, sample_cfg, seed=42, device=device))
+            except Stopped:
+                break
 
             t0 = time.time()
             x, y = (t.to(device, non_blocking=True) for t in next_batches.result())
@@ -891,42 +915,50 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
             for group, peak_lr in zip(optimizer.param_groups, peak_lrs):
                 # one warmup + cosine shape; Muon's group has its own peak
                 group["lr"] = lr * (peak_lr / cfg.max_lr)
-            norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, scaler)
+            norm, outlier = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler,
+                                           outliers)
             # the step's one wait for the GPU; a non-finite step stops the run before a checkpoint is written
             loss, norm, stopping = torch.stack([loss, norm, stopping]).tolist()
             dt = time.time() - t0
-            skipped = step_skipped(loss, norm, scaler, step, cfg.log_dir)
-            n_skipped += skipped
+            skipped = outlier or step_skipped(loss, norm, scaler, step, cfg.log_dir)
+            n_overflows += bool(skipped) and not outlier
+            done = step + 1
             step_times = (step_times + [dt])[-20:]
-            eta = sum(step_times) / len(step_times) * (cfg.max_steps - step - 1)
+            eta = sum(step_times) / len(step_times) * (cfg.max_steps - done)
             mfu = flops_step / dt / (peak * world) * 100 if peak else None
             log.print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                       f"{dt * 1000:.0f} ms | {cfg.total_batch_size / dt:,.0f} tok/s"
                       f"{f' | MFU {mfu:.1f}%' if mfu else ''} | ETA {eta / 60:.1f} min"
-                      + (" | skipped: inf/nan fp16 gradients, the loss scale is halved" if skipped else ""))
+                      + (f" | skipped: {skipped}" if skipped else ""))
             log.log(step, "train", loss, ".6f")
             if skipped:
                 log.log(step, "skipped", 1, "d")
             log.figures(step, lr=lr, norm=norm, tokens_per_s=cfg.total_batch_size / dt,
                         **({"mfu": mfu} if mfu else {}))
 
-            if (step + 1) % cfg.checkpoint_interval == 0 or last or stopping:
-                ckpt_file = os.path.join(cfg.log_dir, f"model_{step + 1:06d}.pt")
-                save_checkpoint(ckpt_file, raw_model, optimizer, step + 1, cfg, device, distributed, scaler)
-            if stopping and not last:
-                stopped = step
+            if done % cfg.checkpoint_interval == 0 or last:
+                save_checkpoint(ckpt_file(done), raw_model, optimizer, done, cfg, device, distributed, scaler,
+                                outliers)
+                saved = done
+            if stopping:
                 break
     prefetcher.shutdown()
+    stopped = done < cfg.max_steps
+    if stopped and done and saved != done:  # step 0's stop has nothing to keep
+        save_checkpoint(ckpt_file(done), raw_model, optimizer, done, cfg, device, distributed, scaler, outliers)
+        saved = done
     if scaler is not None:
-        log.print(f"{n_skipped} of steps {start_step}-{cfg.max_steps - 1 if stopped is None else stopped} "
-                  f"skipped for inf/nan fp16 gradients (loss scale now {scaler.get_scale():g})")
+        log.print(f"{n_overflows} of steps {start_step}-{done - 1} skipped for inf/nan fp16 gradients "
+                  f"(loss scale now {scaler.get_scale():g})")
     if device.type == "cuda":
         peak_bytes = torch.cuda.max_memory_allocated(device)
         log.print(f"peak GPU memory {pretty_bytes(peak_bytes)} (the plan: {pretty_bytes(planned)})")
-    if stopped is not None:
-        log.print(stop.summary(stopped, ckpt_file))
+    if stopped:
+        # `STEP stopped SIGNAL` in log.txt: what a job script under torchrun (which exits 1) reads to resume
+        log.log(done, "stopped", stop.stopped_by, "d")
+        log.print(stop.summary(done, saved and ckpt_file(saved), in_eval=done == step))
     log.close()
-    return None if stopped is None else stop.stopped_by
+    return stop.stopped_by if stopped else None
 
 
 # -----------------------------------------------------------------------------
@@ -947,6 +979,9 @@ class TrainConfig:
     max_steps: int = 19073  # 10B tokens / 524288
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # skip a step's update when its loss's or grad norm's z-score over the last 128 steps is above this, as
+    # llm.c's -sl/-sg (outliers.py); 0: off, as in build-nanogpt's 124M recipe
+    skip_outliers: float = 0.0
     shuffle: bool = True  # seeded shard order per epoch and document order within shards
     eval_interval: int = 250
     val_tokens: int = 10485760  # a fixed prefix of the val split, the same for every world size

@@ -17,7 +17,7 @@ import train_gpt2
 from conftest import ROOT, launch, run_main
 from memory_plan import checkpoint_bytes
 from run_checks import find_run
-from test_train import TINY, assert_same_weights, main_1_thread
+from test_train import TINY, assert_same_weights, expect_error, main_1_thread
 from train_gpt2 import parse_args
 
 MiB = 2**20
@@ -88,6 +88,20 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_crash_and_ends_as_the_uninterr
     assert (run / "log.txt").read_text() == (uninterrupted / "log.txt").read_text()
     for ckpt in ("model_000008.pt", "model_000010.pt"):  # model_000008.pt written anew as the run passed it
         assert_same_weights(uninterrupted / ckpt, run / ckpt)
+
+
+def test_resume_where_no_checkpoint_loads_stops_and_leaves_the_run_as_it_was(tmp_path, uninterrupted):
+    # every checkpoint cut short: starting over would rewrite log.txt, the run's whole history
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model_000004.pt", "model_000008.pt"):
+        whole = (uninterrupted / name).read_bytes()
+        (run / name).write_bytes(whole[:len(whole) // 3])
+    shutil.copy(uninterrupted / "log.txt", run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    msg = expect_error(ARGS + ["--log_dir", str(run), "--resume"], "none of the 2 checkpoint(s)")
+    assert "model_000008.pt, model_000004.pt" in msg and "move them away" in msg
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # byte for byte
 
 
 def test_a_checkpoints_size_is_known_before_it_is_written(uninterrupted):

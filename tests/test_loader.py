@@ -127,3 +127,21 @@ def test_bench_loader_runs_and_its_old_loop_cuts_the_same_batches():
                         "200000", "--repeats", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "64 sequences (accum 1, world 8, B 64): before " in r.stdout and "512 sequences" in r.stdout
+
+
+def test_a_text_file_is_tiktokens_tokens_held_as_numpy_not_a_python_list(tmp_path):
+    # --data big.txt: encode_ordinary's list costs ~56 bytes a token on every rank; numpy holds 2 (uint16)
+    import tracemalloc
+    from train_gpt2 import find_data, get_tokenizer
+    text = (ROOT / "input.txt").read_text() + "\n<|endoftext|> is text here, not a document boundary\n"
+    (tmp_path / "big.txt").write_text(text)
+    get_tokenizer().encode_to_numpy("its ranks loaded before", disallowed_special=())
+    tracemalloc.start()
+    try:
+        train, val = find_data(str(tmp_path / "big.txt"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    tokens = np.concatenate([train[0], val[0]])
+    assert tokens.dtype == np.uint16 and tokens.tolist() == get_tokenizer().encode_ordinary(text)  # the oracle
+    assert peak < 4 * len(text) + 8 * len(tokens), (peak, len(text), len(tokens))  # the text, and no list

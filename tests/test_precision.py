@@ -167,8 +167,9 @@ def test_a_scaled_step_in_fp32_equals_the_plain_step_exactly(optimizer):
         norms = []
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
-            accumulate_gradients(model, [(x[:2], y[:2]), (x[2:], y[2:])], contextlib.nullcontext(), scaler=scaler)
-            norms.append(optimizer_step(opt, model.parameters(), 0.5, scaler).item())  # a clip that bites
+            loss = accumulate_gradients(model, [(x[:2], y[:2]), (x[2:], y[2:])], contextlib.nullcontext(),
+                                        scaler=scaler)
+            norms.append(optimizer_step(opt, model.parameters(), 0.5, loss, scaler)[0].item())  # a clip that bites
         runs.append((norms, model.state_dict()))
     (plain_norms, plain), (scaled_norms, scaled) = runs
     assert plain_norms == scaled_norms and min(plain_norms) > 0.5
@@ -181,13 +182,13 @@ def test_a_step_with_an_inf_gradient_changes_nothing_but_the_scale(optimizer):
     opt = configure_optimizer(model, 0.1, 1e-3, "cpu", optimizer, muon_lr=0.02)
     scaler = torch.amp.GradScaler("cpu")
     x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
-    accumulate_gradients(model, [(x, y)], contextlib.nullcontext(), scaler=scaler)
-    optimizer_step(opt, model.parameters(), 1.0, scaler)  # a clean step: the optimizer has state now
+    loss = accumulate_gradients(model, [(x, y)], contextlib.nullcontext(), scaler=scaler)
+    optimizer_step(opt, model.parameters(), 1.0, loss, scaler)  # a clean step: the optimizer has state now
     weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     opt.zero_grad(set_to_none=True)
-    accumulate_gradients(model, [(x, y)], contextlib.nullcontext(), scaler=scaler)
+    loss = accumulate_gradients(model, [(x, y)], contextlib.nullcontext(), scaler=scaler)
     model.transformer.h[1].attn.c_attn.weight.grad[0, 0] = float("nan")  # Muon's, through its q view
-    assert not torch.isfinite(optimizer_step(opt, model.parameters(), 1.0, scaler))
+    assert not torch.isfinite(optimizer_step(opt, model.parameters(), 1.0, loss, scaler)[0])
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert same(opt.state_dict(), state)  # moments, momentum buffers and step counts untouched
     assert scaler.get_scale() == 2.0 ** 15

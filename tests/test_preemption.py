@@ -18,29 +18,54 @@ from test_train import TINY, assert_same_weights
 ARGS = TINY + ["--data", str(ROOT / "input.txt"), "--max_steps", "12", "--eval_interval", "5", "--log_dir", "run"]
 
 # train_gpt2.main, with signals sent as the run goes: at `STEP STREAM` (right after every rank logs it; only rank 0
-# writes) rank RANK sends SIGNAL to itself, or with `torchrun` as the target to torchrun, then waits until its own
-# handler has run (torchrun passes it on), so the run stops after the next step whatever the machine's load.
-# `twice` sends it again after that.
+# writes), or at `STEP hellaswag` (HellaSwag's first batch after step STEP's val), rank RANK sends SIGNAL to TARGET,
+# then waits until its own handler has run, so the run stops at the next check whatever the machine's load:
+#   self, torchrun: itself, or torchrun (which passes it on);
+#   repeat: itself twice, as torchrun forwarding to a rank what the scheduler sent it too (the same stop);
+#   late: itself again, preemption.REPEAT_S after the first (ends the process at once);
+#   ranks,torchrun / torchrun,ranks: every rank and torchrun, 50 ms apart or in one loop, as SLURM, systemd and
+#   pkill signal every process of the job.
 SIGNALLER = """
-import os, signal, sys, time, logger, preemption, train_gpt2
+import os, signal, sys, time, hellaswag, logger, preemption, train_gpt2
 rank, signame, target, where = sys.argv[1].split(" ", 3)
-handled = []
+sig, handled, armed = getattr(signal, signame), [], []
 def handle(self, signum, frame, _real=preemption.StopOnSignal._handle):
     handled.append(signum)
     _real(self, signum, frame)
 preemption.StopOnSignal._handle = handle
+def send():
+    torchrun = os.getppid()
+    ranks = [int(pid) for pid in open(f"/proc/{torchrun}/task/{torchrun}/children").read().split()]
+    if target == "ranks,torchrun":
+        for pid in ranks:
+            os.kill(pid, sig)
+        time.sleep(0.05)
+        os.kill(torchrun, sig)
+    elif target == "torchrun,ranks":
+        for pid in [torchrun] + ranks:
+            os.kill(pid, sig)
+    else:
+        os.kill(torchrun if target == "torchrun" else os.getpid(), sig)
+    deadline = time.monotonic() + 60
+    while not handled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if target in ("repeat", "late"):  # once the first was handled: two pending signals are handled as one
+        time.sleep(0 if target == "repeat" else preemption.REPEAT_S + 0.5)
+        os.kill(os.getpid(), sig)
+        time.sleep(0 if target == "repeat" else 60)
 def log(self, step, stream, *args, _real=logger.Logger.log):
     _real(self, step, stream, *args)
     if os.environ.get("RANK", "0") == rank and f"{step} {stream}" == where:
-        sig = getattr(signal, signame)
-        os.kill(os.getppid() if target == "torchrun" else os.getpid(), sig)
-        deadline = time.monotonic() + 60
-        while not handled and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if target == "twice":  # once the first was handled: two signals before it would be handled as one
-            os.kill(os.getpid(), sig)
-            time.sleep(60)
+        send()
+    if f"{step} val" == where.replace("hellaswag", "val"):
+        armed.append(True)
+def ending_losses(*args, _real=hellaswag.ending_losses):
+    if armed and os.environ.get("RANK", "0") == rank and where.endswith("hellaswag"):
+        armed.clear()
+        send()
+    return _real(*args)
 logger.Logger.log = log
+hellaswag.ending_losses = ending_losses
 train_gpt2.main(sys.argv[2:])
 """
 
@@ -62,13 +87,14 @@ def oracles(tmp_path_factory):
 
 
 def signalled(plan, args, cwd, ranks=None):
+    cwd.mkdir(exist_ok=True)
     (cwd / "signaller.py").write_text(SIGNALLER)
     return launch([plan] + args, cwd=cwd, ranks=ranks, script=cwd / "signaller.py")
 
 
-def resume_to_the_end_equals(oracle, cwd, ranks, flags):
+def resume_to_the_end_equals(oracle, cwd, ranks, flags, at=7):
     r = launch(ARGS + flags + ["--resume"], cwd=cwd, ranks=ranks)
-    assert r.returncode == 0 and "resuming at step 7" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"resuming at step {at}" in r.stdout, r.stderr
     assert (cwd / "run" / "log.txt").read_text() == (oracle / "log.txt").read_text()
     assert_same_weights(oracle / "model_000012.pt", cwd / "run" / "model_000012.pt")
 
@@ -91,7 +117,8 @@ def test_a_signal_stops_every_rank_at_the_next_step_with_a_checkpoint_and_resume
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.txt", "model_000007.pt"]
     assert f"{signame}{'' if rank == '0' else ' on another rank'}: stopped after step 6, checkpoint " \
            "run/model_000007.pt; the same command with --resume goes on from step 7" in r.stdout
-    assert f"{signame}: stopping at the end of this step" in r.stderr or rank != "0"
+    assert f"{signame}: stopping after this step with a checkpoint" in r.stderr or rank != "0"
+    assert (tmp_path / "run" / "log.txt").read_text().splitlines()[-1] == f"7 stopped {signum}"  # for job scripts
     assert "step     7" not in r.stdout
     resume_to_the_end_equals(oracles(ranks, flags), tmp_path, ranks, flags)
 
@@ -106,11 +133,65 @@ def test_torchrun_passes_a_sigterm_on_to_its_ranks_and_they_stop_with_a_checkpoi
     resume_to_the_end_equals(oracles(2, []), tmp_path, 2, [])
 
 
-def test_a_second_signal_ends_the_run_at_once(tmp_path):
-    r = signalled("0 SIGTERM twice 5 train", ARGS, tmp_path)
+# SLURM (scancel, the time limit), systemd and pkill signal torchrun and every rank; torchrun then forwards its own
+EVERY_PROCESS = [(flags, order) for flags in ([], ["--fsdp"]) for order in ("ranks,torchrun", "torchrun,ranks")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, order", EVERY_PROCESS,
+                         ids=[f"{order} {' '.join(flags)}".strip() for flags, order in EVERY_PROCESS])
+def test_a_sigterm_to_every_process_under_torchrun_stops_with_a_checkpoint(tmp_path, oracles, flags, order):
+    (tmp_path / "signaller.py").write_text(SIGNALLER)
+    rc, out, err = torchrun(TORCHRUN_2, ["signaller.py", f"0 SIGTERM {order} 5 train"] + ARGS + flags,
+                            cwd=tmp_path)
+    assert rc != 0 and "got signal: 15" in err, err[-3000:]  # torchrun ends as it does on a signal
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.txt", "model_000007.pt"], err[-3000:]
+    assert "SIGTERM: stopped after step 6, checkpoint run/model_000007.pt" in out
+    resume_to_the_end_equals(oracles(2, flags), tmp_path, 2, flags)
+
+
+@pytest.fixture(scope="module")
+def hella(tmp_path_factory):
+    """The fixture's examples three times over: 90 fit the tiny model, so each of 2 ranks scores 3 batches of 16."""
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
+    path.write_text((ROOT / "tests" / "fixtures" / "hellaswag_val_33.jsonl").read_text() * 3)
+    return ["--hellaswag", "--hellaswag_data", str(path)]
+
+
+IN_EVAL = [(None, [], "0"), (2, [], "1"), (2, ["--fsdp"], "0")]
+
+
+@pytest.mark.parametrize("ranks, flags, rank", IN_EVAL,
+                         ids=[f"rank {rank} of {ranks or 1} {' '.join(flags)}".strip() for ranks, flags, rank in IN_EVAL])
+def test_a_signal_during_hellaswag_stops_between_its_batches_and_resume_redoes_that_eval(
+        tmp_path, oracles, hella, ranks, flags, rank):
+    flags = hella + flags
+    r = signalled(f"{rank} SIGTERM self 5 hellaswag", ARGS + flags, tmp_path, ranks)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "5 val " in log and "5 hella " not in log and "5 train " not in log  # the eval cut short, unlogged
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.txt", "model_000005.pt"]
+    assert "stopped in step 5's eval, checkpoint run/model_000005.pt; the same command with --resume goes on " \
+           "from step 5" in r.stdout
+    resume_to_the_end_equals(oracles(ranks, flags), tmp_path, ranks, flags, at=5)
+
+
+def test_a_signal_before_an_eval_step_stops_without_the_eval(tmp_path, oracles):
+    r = signalled("0 SIGTERM self 4 train", ARGS, tmp_path)  # step 5 is an eval step
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert "5 val" not in (tmp_path / "run" / "log.txt").read_text()
+    assert "stopped in step 5's eval, checkpoint run/model_000005.pt" in r.stdout
+    resume_to_the_end_equals(oracles(None, []), tmp_path, None, [], at=5)
+
+
+def test_a_repeat_of_the_signal_is_the_same_stop_and_a_late_one_ends_the_run_at_once(tmp_path):
+    r = signalled("0 SIGTERM repeat 5 train", ARGS, tmp_path / "repeat")
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "repeat" / "run").iterdir()) == ["log.txt", "model_000007.pt"]
+    r = signalled("0 SIGTERM late 5 train", ARGS, tmp_path / "late")
     assert r.returncode == -signal.SIGTERM  # killed by it, as without a handler
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.txt"]
-    assert (tmp_path / "run" / "log.txt").read_text().splitlines()[-1].startswith("5 train ")
+    assert sorted(p.name for p in (tmp_path / "late" / "run").iterdir()) == ["log.txt"]
+    assert (tmp_path / "late" / "run" / "log.txt").read_text().splitlines()[-1].startswith("5 train ")
 
 
 def test_handlers_come_back_after_the_run_and_an_ignored_signal_stays_ignored():
