@@ -53,12 +53,45 @@ def unseen_nvidia_gpus():
         return (f"this machine's {driver} is too old for this torch {torch.__version__} (CUDA "
                 f"{torch.version.cuda} needs a driver >= {need}), so it sees no GPU: install a driver >= "
                 f"{need}{older}")
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     enough = f", new enough for this torch's CUDA {torch.version.cuda}," if found and need else ","
-    return (f"this machine has {driver}{enough} but this torch {torch.__version__} sees no GPU: "
+    has = f"this machine has {driver}{enough} but"
+    error = cuda_init_error()
+    if error and re.search(r"\bError 802\b|system not yet initialized", error):
+        # CUDA waits for the fabric manager to set up an NVSwitch box's NVLink; nvidia-smi lists the GPUs
+        package = (f"nvidia-fabricmanager-{found[2]}, at the driver's version {found[1]}" if found
+                   else "nvidia-fabricmanager-NNN, at the driver's version NNN.x")
+        return (f"{has} CUDA cannot start (\"{error}\"): the fabric manager that an NVSwitch box (an 8-GPU "
+                "HGX or DGX) needs is not running: sudo systemctl start nvidia-fabricmanager (the package "
+                f"{package}); nvidia-smi -q | grep -i fabric shows its state")
+    if error:
+        return f"{has} CUDA cannot start: torch says \"{error}\""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"{has} this torch {torch.__version__} sees no GPU: "
             + (f"CUDA_VISIBLE_DEVICES={hidden!r} hides them" if hidden is not None else
                "they are hidden from this process (a container started without --gpus all?)")
             + "; nvidia-smi says what this process can reach")
+
+
+# what torch.cuda.init() raises where CUDA found no GPU or no driver library to start (CUDA_VISIBLE_DEVICES, a
+# container without its GPUs): is_available() says nothing of these, and warns of every other failure
+# (c10/cuda/CUDAFunctions.cpp)
+NO_GPU_TO_START = ("No CUDA GPUs are available", "Found no NVIDIA driver on your system")
+
+
+def cuda_init_error():
+    """Why CUDA failed to start, in torch's words on one line ("Error 802: system not yet initialized"), or
+    None. is_available() warns it only once per process, at the first device count, whose 0 torch keeps
+    (c10::cuda::device_count): torch.cuda.init() counts again and raises it every time it is called."""
+    try:
+        torch.cuda.init()
+    except RuntimeError as e:
+        text = str(e).strip().split("\n")[0]  # TORCH_SHOW_CPP_STACKTRACES=1 adds C++ frames below
+        if not text.startswith(NO_GPU_TO_START):
+            # cudaGetDeviceCount's "Error N: ...", without torch's question before it (did you run cuda
+            # functions before?), which misleads here
+            coded = re.search(r"Error \d+: .*", text)
+            return coded[0] if coded else text
+    return None
 
 
 def unseen_amd_gpus():

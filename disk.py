@@ -1,7 +1,7 @@
 """
 The disk a run writes to: files written whole or not at all, even across a host crash (fsync'd, then renamed),
 and room for a checkpoint checked before the work it is to keep. train_gpt2.py's checkpoints and fineweb.py's
-shards are written here.
+shards are written here, and checkpoints read back.
 """
 import contextlib
 import os
@@ -9,7 +9,7 @@ import shutil
 
 import torch
 
-from errors import UsageError
+from errors import CorruptCheckpoint, UsageError
 from run_checks import find_checkpoint
 
 
@@ -77,3 +77,30 @@ def check_checkpoint_room(cfg, size, start_step):
         print(f"note: '{cfg.log_dir}' has room for {free // size} of the {count} checkpoints this run writes "
               f"({pretty_bytes(size)} each, {pretty_bytes(free)} free): delete old ones as it goes, or raise "
               "--checkpoint_interval", flush=True)
+
+
+def load_checkpoint(path):
+    # memory-mapped: a machine's ranks share one copy in the page cache, and no GPU holds the state twice
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint '{path}' does not exist") from None
+    except Exception as e:
+        if isinstance(e, MemoryError) or "allocate memory" in str(e):  # the CPU allocator's words for it
+            size = os.path.getsize(path) / 2**30
+            raise UsageError(f"checkpoint '{path}' ({size:.1f} GiB) does not fit in this machine's free "
+                             "memory: free some, or load it where there is more") from None
+        raise CorruptCheckpoint(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass another"
+                                ) from None
+
+
+def by_name(optimizer_state, raw_model, optimizer):
+    """The optimizer state keyed by parameter name, as DCP's loader wants it, from index keys (torch.optim's
+    own, and older FSDP checkpoints') or names: matched by order, as load_state_dict matches them."""
+    names = {p: n for n, p in raw_model.named_parameters()}
+    name = dict(zip([k for group in optimizer_state["param_groups"] for k in group["params"]],
+                    [names[p] for group in optimizer.param_groups for p in group["params"]]))
+    return {"state": {name[k]: s for k, s in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [name[k] for k in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}

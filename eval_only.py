@@ -9,9 +9,10 @@ import torch
 
 import hellaswag
 from devices import resolve_precision
+from memory_plan import check_eval_memory
 from ranks import on_every_rank, on_rank_0
 from run_checks import find_checkpoint
-from train_gpt2 import DataLoader, UsageError, evaluate_val, find_data, load_model
+from train_gpt2 import DataLoader, UsageError, evaluate_val, find_data, get_tokenizer, load_model
 
 
 def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
@@ -25,10 +26,17 @@ def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, d
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as in training
     _, val_shards = on_every_rank(lambda: find_data(cfg.data), distributed)
-    model = on_every_rank(lambda: load_model(source), distributed).to(device)
-    if cfg.seq_len > model.config.block_size:
-        raise UsageError(f"--seq_len {cfg.seq_len} is longer than {source}'s block_size "
-                         f"{model.config.block_size}")
+    model = on_every_rank(lambda: load_model(source), distributed)
+    block_size = model.config.block_size
+    if cfg.seq_len > block_size:
+        raise UsageError(f"--seq_len {cfg.seq_len} is longer than {source}'s block_size {block_size}")
+    examples = (hellaswag.load_for_run(cfg.hellaswag_data, block_size, rank == 0, distributed)
+                if cfg.hellaswag else None)
+    # before the model moves to the GPU: a plan that does not fit stops every rank with the fix
+    hellaswag_tokens = longest_row(examples, block_size)
+    on_every_rank(lambda: check_eval_memory(model.config, cfg, precision.dtype, hellaswag_tokens, device,
+                                            rank == 0), distributed)
+    model.to(device)
     loader = DataLoader(val_shards, cfg.seq_len, model.config.vocab_size, shuffle=False)
     n_tokens = min(cfg.val_tokens // cfg.seq_len, loader.seqs_per_epoch) * cfg.seq_len
     say = print if rank == 0 else (lambda *args, **kwargs: None)
@@ -36,13 +44,21 @@ def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, d
         f"{precision.reason} | {n_tokens:,} val tokens of {cfg.data}, T={cfg.seq_len}", flush=True)
     result = {"model": source, "val_tokens": n_tokens}
     autocast = precision.autocast(device.type)
-    result["val_loss"] = evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed)
+    # no graph to keep: evaluate_val runs autograd on for a run's compiled step, and nothing is compiled here
+    with torch.no_grad():
+        result["val_loss"] = evaluate_val(model, loader, cfg, rank, world, device, autocast, distributed)
     say(f"{source} | val loss {result['val_loss']:.4f}", flush=True)
-    examples = (hellaswag.load_for_run(cfg.hellaswag_data, model.config.block_size, rank == 0, distributed)
-                if cfg.hellaswag else None)
     if examples is not None:
         correct, total = hellaswag.evaluate_ranks(model, examples, rank, world, device, precision,
                                                   distributed)
         result.update(hellaswag_examples=total, hellaswag_acc_norm=correct / total)
         say(f"{source} | {hellaswag.run_line(correct, total, precision)}", flush=True)
     say(json.dumps(result), flush=True)  # for scripts
+
+
+def longest_row(examples, block_size):
+    """Tokens in HellaSwag's longest row, as hellaswag.render_example cuts it (its context and its longest
+    ending, at most block_size), which sets its first batch's length; 0 without examples."""
+    encode = get_tokenizer().encode_ordinary
+    return max((min(len(encode(ex["ctx"])) + max(map(len, hellaswag.ending_tokens(ex))), block_size)
+                for ex in examples or ()), default=0)

@@ -14,7 +14,18 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from train_gpt2 import _CONV1D, BPE_FILE, EOT, GPT2_VOCAB, UsageError, get_tokenizer, load_checkpoint
+from disk import load_checkpoint
+from train_gpt2 import BPE_FILE, EOT, GPT2_VOCAB, UsageError, get_tokenizer
+
+# OpenAI's checkpoints use a Conv1D module whose weight is (in, out); nn.Linear's is (out, in)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_to_ours(sd):
+    # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
+    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    return {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
+
 
 EXPORT_TAG = "gpt2-repro-export"  # in every exported card's tags: marks a folder a later --export may replace
 

@@ -1,6 +1,7 @@
 """
-What a step holds on each GPU, planned before step 0 (docs/memory.md derives the activations' bytes), and
-out-of-memory errors as one line that names the fix.
+What a step holds on each GPU, planned before step 0 (docs/memory.md derives the activations' bytes), what
+--eval_only holds, out-of-memory errors as one line that names the fix, and --recompute, which trades memory
+for a second forward.
 """
 import functools
 import math
@@ -8,9 +9,21 @@ import re
 from dataclasses import asdict, replace
 
 import torch
+import torch.utils.checkpoint
 
 from disk import pretty_bytes
 from train_gpt2 import GPT, GPTConfig, UsageError
+
+
+def apply_recompute(model):
+    """Activation checkpointing per block: in training a block keeps only its input and reruns its forward in
+    backward. The modules and state_dict keys are untouched."""
+    for block in model.transformer.h:
+        def forward(x, kv_cache=None, _forward=block.forward):
+            if kv_cache is None and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, x, use_reentrant=False)
+            return _forward(x, kv_cache)  # sampling and HellaSwag keep nothing for backward anyway
+        block.forward = forward
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,14 +86,9 @@ def checkpoint_bytes(model_cfg, cfg):
 def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
     """Print the memory plan; stop (before anything is written) with the fix when it does not fit the GPU."""
     plan = memory_plan(model_cfg, cfg, world, dtype, parallel, accum)
-    need = sum(plan.values())
-    if master:
-        print(f"memory plan per GPU: {pretty_bytes(need)} = "
-              + ", ".join(f"{k} {pretty_bytes(v)}" for k, v in plan.items()), flush=True)
-    if device.type != "cuda" or not cfg.memory_check:
-        return need
-    free, _ = torch.cuda.mem_get_info(device)
-    if need <= free:
+    need = print_plan(plan, "memory plan per GPU", master)
+    free = free_memory(device, cfg)
+    if free is None or need <= free:
         return need
     per_rank = cfg.total_batch_size // (cfg.seq_len * world)  # sequences per rank and step
 
@@ -95,15 +103,102 @@ def check_memory(model_cfg, cfg, world, dtype, parallel, accum, device, master):
     else:
         fix = ("shard the model over more GPUs with --fsdp under torchrun"
                + ("" if cfg.recompute else " and --recompute"))
-    raise UsageError(f"the memory plan needs {pretty_bytes(need)} per GPU, {device} has {pretty_bytes(free)} "
-                     f"free: {fix}; --no-memory_check runs anyway")
+    raise too_big(need, free, device, fix)
+
+
+def forward_bytes(model_cfg, dtype, tokens, hellaswag=False):
+    """
+    The most bytes one forward of `tokens` tokens holds at once under no_grad, weights aside (docs/memory.md):
+    nothing is kept for backward, so it is the larger of a block's MLP and the loss (checked against the CPU
+    allocator's peak in tests/test_memory.py).
+    """
+    half = dtype in ("bfloat16", "float16")
+    a = 2 if half else 4  # bytes of an activation under autocast
+    C, V = model_cfg.n_embd, model_cfg.vocab_size
+    # live throughout: a block's fp32 input (its caller holds it), the token ids and targets (HellaSwag: mask)
+    base = 4 * C + 16
+    # in a block's MLP: the residual after attention and ln_2's output (fp32), c_fc's output and GELU's
+    block = 8 * C + 8 * a * C
+    # around the loss: the logits, their fp32 copy (under autocast; HellaSwag's boolean index copies the
+    # ending tokens' logits in any dtype) and log_softmax's fp32 output
+    loss = a * V + (4 * V if half or hellaswag else 0) + 4 * V
+    return tokens * (base + max(block, loss))
+
+
+HELLASWAG_BATCH = 16  # examples per forward: hellaswag.evaluate's default, as evaluate_ranks runs it
+
+
+def eval_plan(model_cfg, cfg, dtype, hellaswag_tokens):
+    """
+    What --eval_only holds on its GPU, in bytes by part: the float32 weights and autocast's half-precision
+    copies (as memory_plan counts them), and the larger of its two no-grad forwards, which run one after the
+    other: val's (--batch_size x --seq_len) and HellaSwag's first batch (HELLASWAG_BATCH examples of 4 rows of
+    hellaswag_tokens, its longest row; 0 without HellaSwag), planned as if all their tokens were endings.
+    """
+    train = memory_plan(model_cfg, cfg, 1, dtype, None, 1)
+    plan = {k: v for k, v in train.items() if k in ("parameters", "autocast's half-precision weight copies")}
+    val = forward_bytes(model_cfg, dtype, cfg.batch_size * cfg.seq_len)
+    hellaswag = forward_bytes(model_cfg, dtype, 4 * HELLASWAG_BATCH * hellaswag_tokens, hellaswag=True)
+    if val >= hellaswag:
+        plan["val's forward"] = val
+    else:
+        plan["HellaSwag's forward"] = hellaswag
+    return plan
+
+
+def check_eval_memory(model_cfg, cfg, dtype, hellaswag_tokens, device, master):
+    """check_memory for --eval_only, before the model moves to the GPU: its fix is a smaller --batch_size (or
+    --no-hellaswag), the flags it reads."""
+    plan = eval_plan(model_cfg, cfg, dtype, hellaswag_tokens)
+    need = print_plan(plan, "memory plan per GPU (--eval_only)", master)
+    free = free_memory(device, cfg)
+    if free is None or need <= free:
+        return need
+
+    def largest(tokens):  # val's loss is the same at any --batch_size: a short last batch is padded
+        return next((b for b in range(cfg.batch_size, 0, -1) if sum(eval_plan(
+            model_cfg, replace(cfg, batch_size=b), dtype, tokens).values()) <= free), None)
+    if b := largest(hellaswag_tokens):
+        fix = f"use --batch_size {b}"
+    elif hellaswag_tokens and (b := largest(0)):
+        fix = "add --no-hellaswag" + (f" with --batch_size {b}" if b < cfg.batch_size else "")
+    else:
+        fix = "--batch_size 1 does not fit either: evaluate on a GPU with more free memory, or --device cpu"
+    raise too_big(need, free, device, fix)
+
+
+def print_plan(plan, title, master):
+    need = sum(plan.values())
+    if master:
+        parts = ", ".join(f"{k} {pretty_bytes(v)}" for k, v in plan.items())
+        print(f"{title}: {pretty_bytes(need)} = {parts}", flush=True)
+    return need
+
+
+def free_memory(device, cfg):
+    """The GPU's free bytes, or None where nothing is checked: not a GPU, or --no-memory_check."""
+    if device.type != "cuda" or not cfg.memory_check:
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def too_big(need, free, device, fix):
+    return UsageError(f"the memory plan needs {pretty_bytes(need)} per GPU, {device} has "
+                      f"{pretty_bytes(free)} free: {fix}; --no-memory_check runs anyway")
 
 
 def out_of_memory_advice(message, cfg):
+    """An out-of-memory error as one line naming the flags that lower what this run holds."""
     asked = re.search(r"Tried to allocate ([\d.]+ \w+)", message)
     free = re.search(r"of which ([\d.]+ \w+) is free", message)
     figures = (f"asked for {asked[1]} with {free[1]} free" if asked and free
                else message.splitlines()[0][:200] if message else "no details")
+    if cfg.eval_only:  # it reads no accumulation, --recompute or --fsdp, and writes nothing
+        fixes = [f"--batch_size {cfg.batch_size // 2}"] if cfg.batch_size > 1 else []
+        if cfg.hellaswag:  # HellaSwag's batches are its own: only leaving it out lowers them
+            fixes.append("--no-hellaswag if the val loss was printed")
+        fix = f"try {', or '.join(fixes)}" if fixes else "use a GPU with more free memory, or --device cpu"
+        return f"out of memory ({figures}): {fix}"
     smaller = (f"--batch_size {cfg.batch_size // 2} (accumulation keeps --total_batch_size), "
                if cfg.batch_size > 1 else "")
     return (f"out of memory ({figures}): try {smaller}--recompute, or --fsdp under torchrun; "

@@ -12,6 +12,9 @@ on resume), so a resumed run skips exactly the steps an uninterrupted one would.
 import math
 from collections import deque
 
+from errors import UsageError
+from run_checks import find_checkpoint
+
 WINDOW = 128
 
 
@@ -61,3 +64,14 @@ class SkipOutliers:
     def load_state_dict(self, state):
         self.loss.window = deque(map(float, state["loss"]), maxlen=WINDOW)
         self.norm.window = deque(map(float, state["norm"]), maxlen=WINDOW)
+
+
+def step_skipped(loss, norm, scaler, step, log_dir):
+    """Why GradScaler skipped this step (its norm is inf/nan: an fp16 overflow, routine), None if it did not,
+    or a UsageError if the run diverged (a non-finite loss, scaler or not)."""
+    skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
+    if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
+        raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
+                         f"lower --max_lr, check the data, or --skip_outliers 7. The last good checkpoint is "
+                         f"intact: {find_checkpoint(log_dir)}")
+    return "inf/nan fp16 gradients, the loss scale is halved" if skipped else None

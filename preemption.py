@@ -1,12 +1,12 @@
 """
 A SIGTERM or SIGINT stops a run with a checkpoint instead of killing it mid-step: a spot instance reclaimed,
-SLURM's time limit or scancel, systemd stopping a unit, a Kubernetes eviction, `docker stop`, pkill, Ctrl-C, and
-torchrun passing any of these on to its ranks. Each sends one of them, then SIGKILL after a grace period that
-may be as short as 10 s (docker): the run ends after the step in flight, or stops an eval between its batches.
+SLURM's time limit or scancel, systemd stopping a unit, a Kubernetes eviction, `docker stop`, pkill, Ctrl-C,
+and torchrun passing any of these on to its ranks. Each sends one of them, then SIGKILL after a grace period
+as short as 10 s (docker): the run ends after the step in flight, or stops an eval between its batches.
 
-Schedulers, systemd and pkill signal every process of the job, torchrun included, and torchrun then forwards its
-own: a rank gets the same signal twice within milliseconds. So a repeat within REPEAT_S of the first is the same
-stop; one later than that (a person who will not wait) ends the process at once.
+Schedulers, systemd and pkill signal every process of the job, torchrun included, and torchrun then forwards
+its own: a rank gets the same signal twice within milliseconds. So a repeat within REPEAT_S of the first is
+the same stop; one later than that (a person who will not wait) ends the process at once.
 """
 import os
 import signal
@@ -71,7 +71,7 @@ class StopOnSignal:
     def summary(self, steps_done, checkpoint, in_eval):
         """The run's last line, once it stopped with `steps_done` steps done and `checkpoint` the newest."""
         name = signal.Signals(self.stopped_by).name + ("" if self.signal else " on another rank")
-        where = (f"stopped in step {steps_done}'s eval" if in_eval else f"stopped after step {steps_done - 1}")
+        where = f"stopped in step {steps_done}'s eval" if in_eval else f"stopped after step {steps_done - 1}"
         kept = f"checkpoint {checkpoint}" if checkpoint else "nothing to keep yet"
         return f"{name}: {where}, {kept}; the same command with --resume goes on from step {steps_done}"
 
@@ -83,7 +83,8 @@ class StopOnSignal:
             # os.write, not print: a handler that prints while the loop prints raises "reentrant call"
             if self.say:
                 os.write(2, f"{name}: stopping after this step with a checkpoint (an eval stops between its "
-                            f"batches); a signal more than {REPEAT_S:g} s from now ends the run at once\n".encode())
+                            f"batches); a signal more than {REPEAT_S:g} s from now ends the run at once\n"
+                         .encode())
             return
         if now - self._first_at <= REPEAT_S:  # torchrun's forward of what the scheduler sent every process
             return

@@ -4,6 +4,7 @@ collectives run, decided on rank 0 or by all ranks together, so that no rank wai
 others skip.
 """
 import os
+import sys
 
 import torch.distributed as dist
 
@@ -54,3 +55,16 @@ def on_rank_0(fn, distributed):
     if box[1]:
         raise UsageError(box[1], every_rank=True)
     return box[0]
+
+
+def exit_if_a_rank_died(e, rank, dist_timeout):
+    """Exit 1 with one line if e says another rank died or hung (NCCL: a DistError; gloo: a RuntimeError
+    naming its source), so that torchrun --max-restarts restarts the group; else return."""
+    if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+        return
+    print(f"error: rank {rank}: another rank died or did not answer within --dist_timeout {dist_timeout} s "
+          f"({str(e).splitlines()[0]}); with torchrun --max-restarts and --resume the run goes on from its "
+          "last checkpoint", file=sys.stderr, flush=True)
+    # exit now: freeing DDP's Reducer joins gloo's worker thread, which can wait on our GIL: a deadlock
+    sys.stdout.flush()
+    os._exit(1)

@@ -137,9 +137,19 @@ def find_run(cfg, load):
         except CorruptCheckpoint as e:
             print(f"--resume: skipping {path}, which does not load ({e}); it is kept", flush=True)
     if paths:  # starting over would rewrite log.txt, the run's history: the user decides, nothing is touched
+        names = ", ".join(map(os.path.basename, paths))
         raise UsageError(f"--resume: none of the {len(paths)} checkpoint(s) in '{cfg.log_dir}' loads "
-                         f"({', '.join(map(os.path.basename, paths))}); log.txt and they are left as they are: "
-                         "move them away to start afresh there, or pass a new --log_dir")
+                         f"({names}); log.txt and they are left as they are: move them away to start afresh "
+                         "there, or pass a new --log_dir")
     # a run killed before its first checkpoint: nothing to continue, so it starts over in its folder
     print(f"--resume: no checkpoint (model_*.pt) in '{cfg.log_dir}' yet: starting from step 0", flush=True)
     return None
+
+
+def grad_accum_steps(cfg, world):
+    B, T = cfg.batch_size, cfg.seq_len
+    if cfg.total_batch_size % (B * T * world):
+        ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
+        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * "
+                         f"seq_len * world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
+    return cfg.total_batch_size // (B * T * world)

@@ -9,8 +9,8 @@ data loader, the optimizer, the step, evaluation, checkpoints and the loop. Impo
 
 Every flag is a field of GPTConfig, TrainConfig or SampleConfig, with its default and reason; a --preset sets
 several at once (presets.py) and explicit flags override it. The machinery beside it is in devices.py,
-memory_plan.py, run_checks.py, ranks.py, preemption.py, disk.py, logger.py, muon.py, hf_export.py and
-eval_only.py.
+memory_plan.py, run_checks.py, ranks.py, preemption.py, outliers.py, disk.py, logger.py, muon.py, hf_export.py
+and eval_only.py.
 """
 
 import argparse
@@ -34,20 +34,19 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from disk import check_checkpoint_room, pretty_bytes, write_checkpoint
+from disk import by_name, check_checkpoint_room, load_checkpoint, pretty_bytes, write_checkpoint
 from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_device, resolve_precision
-from errors import CorruptCheckpoint, UsageError
+from errors import UsageError
 from logger import Logger
-from outliers import SkipOutliers
+from outliers import SkipOutliers, step_skipped
 from preemption import StopOnSignal, Stopped
 from presets import PRESETS
-from ranks import attempt_store, on_every_rank, on_rank_0
+from ranks import attempt_store, exit_if_a_rank_died, on_every_rank, on_rank_0
 from run_checks import (check_config, check_resume, check_same_data, check_shape, data_identity,
-                        find_checkpoint, find_run)
+                        find_checkpoint, find_run, grad_accum_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -213,21 +212,12 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                            n_head=c.n_head, n_embd=c.n_embd)
         model = cls(config)
+        from hf_export import hf_to_ours
         model.load_state_dict(hf_to_ours(hf.state_dict()))
         return model
 
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-# OpenAI's checkpoints use a Conv1D module whose weight is (in, out); nn.Linear's is (out, in)
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_to_ours(sd):
-    # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
-    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    return {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
 
 
 def pad_vocab(model, vocab_size):
@@ -496,22 +486,12 @@ def all_reduce(t, distributed):
     return t
 
 
-def apply_recompute(model):
-    """Activation checkpointing per block: in training a block keeps only its input and reruns its forward in
-    backward. The modules and state_dict keys are untouched."""
-    for block in model.transformer.h:
-        def forward(x, kv_cache=None, _forward=block.forward):
-            if kv_cache is None and torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(_forward, x, use_reentrant=False)
-            return _forward(x, kv_cache)  # sampling and HellaSwag keep nothing for backward anyway
-        block.forward = forward
-
-
 def wrap_model(raw_model, parallel, use_compile, dtype, device, recompute=False):
     """The model the step and val run. parallel: None, "ddp" or "fsdp". Recompute, then compile, then DDP or
     sharding (as in torchtitan). fully_shard changes raw_model in place: under FSDP every forward of it,
     sampling and HellaSwag included, is a collective of all ranks."""
     if recompute:
+        from memory_plan import apply_recompute
         apply_recompute(raw_model)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -581,17 +561,6 @@ def clip_grad_norm(params, max_norm):
     # 0: off (max_norm 0 would zero the grads)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor: gathered
-
-
-def step_skipped(loss, norm, scaler, step, log_dir):
-    """Why GradScaler skipped this step (its norm is inf/nan: an fp16 overflow, routine), None if it did not,
-    or a UsageError if the run diverged (a non-finite loss, scaler or not)."""
-    skipped = scaler is not None and math.isfinite(loss) and not math.isfinite(norm)
-    if not skipped and not (math.isfinite(loss) and math.isfinite(norm)):
-        raise UsageError(f"loss {loss} / grad norm {norm} is not finite at step {step}; "
-                         f"lower --max_lr, check the data, or --skip_outliers 7. The last good checkpoint is "
-                         f"intact: {find_checkpoint(log_dir)}")
-    return "inf/nan fp16 gradients, the loss scale is halved" if skipped else None
 
 
 # -----------------------------------------------------------------------------
@@ -664,33 +633,6 @@ def save_checkpoint(path, raw_model, optimizer, step, cfg, device, distributed, 
         from memory_plan import checkpoint_bytes
         write_checkpoint(path, ckpt, checkpoint_bytes(raw_model.config, cfg))
     on_rank_0(write, distributed)
-
-
-def by_name(optimizer_state, raw_model, optimizer):
-    """The optimizer state keyed by parameter name, as DCP's loader wants it, from index keys (torch.optim's
-    own, and older FSDP checkpoints') or names: matched by order, as load_state_dict matches them."""
-    names = {p: n for n, p in raw_model.named_parameters()}
-    name = dict(zip([k for group in optimizer_state["param_groups"] for k in group["params"]],
-                    [names[p] for group in optimizer.param_groups for p in group["params"]]))
-    return {"state": {name[k]: s for k, s in optimizer_state["state"].items()},
-            "param_groups": [{**group, "params": [name[k] for k in group["params"]]}
-                             for group in optimizer_state["param_groups"]]}
-
-
-def load_checkpoint(path):
-    # memory-mapped: a machine's ranks share one copy in the page cache, and no GPU holds the state twice
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint '{path}' does not exist") from None
-    except Exception as e:
-        if isinstance(e, MemoryError) or "allocate memory" in str(e):  # the CPU allocator's words for it
-            size = os.path.getsize(path) / 2**30
-            raise UsageError(f"checkpoint '{path}' ({size:.1f} GiB) does not fit in this machine's free "
-                             "memory: free some, or load it where there is more") from None
-        raise CorruptCheckpoint(f"checkpoint '{path}' is corrupt or not a train_gpt2.py checkpoint "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass another"
-                                ) from None
 
 
 def load_model(name_or_path, device="cpu"):
@@ -772,27 +714,11 @@ def train(cfg, model_cfg, sample_cfg, given=()):
         # log lines are written whole and checkpoints by rename, so nothing on disk is half-written
         raise UsageError(out_of_memory_advice(str(e), cfg)) from None
     except RuntimeError as e:
-        # a rank died or hung (NCCL: a DistError; gloo: a RuntimeError naming its source): exit 1
-        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
-            raise
-        print(f"error: rank {rank}: another rank died or did not answer within --dist_timeout "
-              f"{cfg.dist_timeout} s ({str(e).splitlines()[0]}); with torchrun --max-restarts and --resume "
-              "the run goes on from its last checkpoint", file=sys.stderr, flush=True)
-        # exit now: freeing DDP's Reducer joins gloo's worker thread, which can wait on our GIL: a deadlock
-        sys.stdout.flush()
-        os._exit(1)
+        exit_if_a_rank_died(e, rank, cfg.dist_timeout)
+        raise
     finally:
         if distributed:
             dist.destroy_process_group()
-
-
-def grad_accum_steps(cfg, world):
-    B, T = cfg.batch_size, cfg.seq_len
-    if cfg.total_batch_size % (B * T * world):
-        ok = max(1, round(cfg.total_batch_size / (B * T * world))) * B * T * world
-        raise UsageError(f"--total_batch_size {cfg.total_batch_size} is not divisible by batch_size * "
-                         f"seq_len * world_size = {B}*{T}*{world}; use e.g. --total_batch_size {ok}")
-    return cfg.total_batch_size // (B * T * world)
 
 
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
@@ -869,17 +795,16 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
                                   pin_memory=device.type == "cuda")
     next_batches = prefetcher.submit(load_step, start_step)
     step_times, n_overflows = [], 0
-    done, saved = start_step, start_step if start_step else None  # steps done; those the newest checkpoint holds
+    done = saved = start_step  # steps done, and those the newest checkpoint holds (0: none)
     ckpt_file = lambda steps: os.path.join(cfg.log_dir, f"model_{steps:06d}.pt")
-    # from step 0 on, a SIGTERM or SIGINT (a reclaimed spot instance, a time limit, Ctrl-C) ends the run after
-    # the step in flight, or between an eval's batches, with a checkpoint (preemption.py)
+    # a SIGTERM or SIGINT (a reclaimed spot instance, a time limit, Ctrl-C) ends the run after the step in
+    # flight, or between an eval's batches, with a checkpoint (preemption.py)
     with StopOnSignal(master, device, distributed) as stop:
         for step in range(start_step, cfg.max_steps):
             last = step == cfg.max_steps - 1
             try:  # a signal cuts the eval short, unlogged: the resumed run starts at this step, eval and all
                 if step % cfg.eval_interval == 0 or last:  # val's first check comes before its first batch
-                    # compiled, through DDP: dynamo then splits the step's graph at the buckets whatever runs
-                    # first
+                    # compiled: the step's module, through DDP (dynamo splits the graph at its buckets)
                     val_model = model if use_compile else raw_model
                     val_loss = evaluate_val(val_model, val_loader, cfg, rank, world, device, autocast,
                                             distributed, stop.check)
@@ -944,8 +869,9 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
                 break
     prefetcher.shutdown()
     stopped = done < cfg.max_steps
-    if stopped and done and saved != done:  # step 0's stop has nothing to keep
-        save_checkpoint(ckpt_file(done), raw_model, optimizer, done, cfg, device, distributed, scaler, outliers)
+    if stopped and saved != done:  # a stop before step 0 has nothing to keep
+        save_checkpoint(ckpt_file(done), raw_model, optimizer, done, cfg, device, distributed, scaler,
+                        outliers)
         saved = done
     if scaler is not None:
         log.print(f"{n_overflows} of steps {start_step}-{done - 1} skipped for inf/nan fp16 gradients "
@@ -998,7 +924,9 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
     # activation checkpointing: each block keeps only its input and recomputes in backward
     recompute: bool = False
-    memory_check: bool = True  # on a GPU, stop before step 0 when the memory plan does not fit
+    # on a GPU, stop before step 0 (or before --eval_only moves the model there) when the memory plan does
+    # not fit
+    memory_check: bool = True
     init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
     # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
     compile: bool = None

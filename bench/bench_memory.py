@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from memory_plan import memory_plan  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, TrainConfig, apply_recompute, parse_args  # noqa: E402
+from memory_plan import apply_recompute  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, TrainConfig, parse_args  # noqa: E402
 
 GiB = 2**30
 

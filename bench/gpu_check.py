@@ -13,7 +13,7 @@ The checks, each one PASS or FAIL line with its figures:
             on a T4, V100 or RTX 20xx), no HellaSwag: losses within fp16 noise of the train check's (bf16 on a GPU, fp32 on a CPU)
   resume    --resume from the step-4 checkpoint: steps 4-7 repeat the uninterrupted run's losses
   torchrun  torchrun --standalone --nproc_per_node=1 (NCCL on a GPU): the same losses as without torchrun
-  preempt   the same, sent SIGTERM at step 0: it stops at a step boundary with a checkpoint, and --resume
+  preempt   the same, sent SIGTERM after step 0: it stops at a step boundary with a checkpoint, and --resume
             ends with the train check's losses
   fsdp      the same with --fsdp (FSDP2, bf16 weights on a GPU): the same losses within bf16 rounding
   medium    --preset gpt2-medium (350M; --tiny: its flags with the tiny shape), 5 steps: ms/step, tok/s, MFU, memory
@@ -244,16 +244,17 @@ def main(argv=None):
         pre_dir = os.path.join(work, "preempt")
         torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train_args,
                     "--log_dir", pre_dir]
-        # at step 0's val, in the loop: the steps left leave time for the signal to arrive, whatever the load
-        rc, lines = run(torchrun + ["--checkpoint_interval", "1000"], sigterm_at="step     0 | val loss")
-        stopped = re.compile(r"SIGTERM: stopped after step (\d+), checkpoint")
+        # after step 0, in the loop: the steps left leave time for the signal to arrive, whatever the load; one
+        # that comes during an eval stops it between batches
+        rc, lines = run(torchrun + ["--checkpoint_interval", "1000"], sigterm_at="step     0 | loss")
+        stopped = re.compile(r"SIGTERM: stopped (after step \d+|in step \d+'s eval), checkpoint \S*(model_\d+\.pt);")
         stop = next((m for _, line in lines if (m := stopped.search(line))), None)
         ckpts = sorted(f for f in os.listdir(pre_dir) if f.endswith(".pt")) if os.path.isdir(pre_dir) else []
-        if rc != 0 and stop and ckpts == [f"model_{int(stop[1]) + 1:06d}.pt"]:
+        if rc != 0 and stop and ckpts == [stop[2]]:
             rc, lines = run(torchrun + ["--resume"])
             diff = max_diff(read_log(os.path.join(pre_dir, "log.txt"), "train"), train)
             if rc == 0 and diff <= tol:
-                report("preempt", True, f"SIGTERM at step 0: stopped after step {stop[1]} with {ckpts[0]}; "
+                report("preempt", True, f"SIGTERM after step 0: stopped {stop[1]} with {ckpts[0]}; "
                                         f"--resume to step {STEPS - 1}: max |loss diff| vs the train check {diff:.2g}")
             elif rc == 0:
                 report("preempt", False, f"resumed losses differ from the train check's by {diff:.2g} > {tol}")

@@ -124,6 +124,32 @@ def _rank(script, args, cwd, env, out, err):
     os._exit(code)
 
 
+# bind(port 0) then close frees the port for the kernel to give another test's bind or connect, and a TCPStore
+# client then joins whatever listens there (its server waits 600 s): so ports below the ephemeral range,
+# each locked (a byte of one file, until the process ends) by one pytest process, of any worker or session.
+_PORTS = SimpleNamespace(lock=None, next=20000)
+
+
+def free_port():
+    """A TCP port that no other test process and no kernel allocation will take: for the ranks' rendezvous."""
+    if _PORTS.lock is None:  # kept open: closing any descriptor of the file would drop the process's locks
+        _PORTS.lock = open(Path(tempfile.gettempdir()) / "nanogpt-tests-ports.lock", "a")
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux: macOS's range starts at 49152
+        ephemeral = 32768
+    for port in range(_PORTS.next, ephemeral):
+        try:
+            fcntl.lockf(_PORTS.lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)  # another pytest process's?
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))  # another program's?
+        except OSError:
+            continue
+        _PORTS.next = port + 1
+        return port
+    raise RuntimeError(f"no free port left below {ephemeral}")
+
+
 def launch(args, cwd, ranks=None, script=ROOT / "train_gpt2.py", env=None, timeout=300):
     """`python script args` (ranks None), or `torchrun --standalone --nproc_per_node=RANKS script args`, as far as
     the script can tell: torchrun's RANK, WORLD_SIZE and MASTER_ADDR/PORT (not its agent's store), one thread a
@@ -132,9 +158,7 @@ def launch(args, cwd, ranks=None, script=ROOT / "train_gpt2.py", env=None, timeo
     2 s, against 7.5 s under torchrun (2-core VM, 2026-12-02), which is tested where it is the point. Returns
     (returncode, stdout, stderr); a hang past the timeout fails the test."""
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if ranks else {}), **(env or {})}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port() if ranks else None
     world = ranks or 1
     with tempfile.TemporaryDirectory() as logs:
         files = [(os.path.join(logs, f"{r}.out"), os.path.join(logs, f"{r}.err")) for r in range(world)]

@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -235,14 +236,27 @@ def test_every_script_checks_the_gpus_architecture(fake_cuda, monkeypatch, tmp_p
 OLD_DRIVER = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023"
 OPEN_580 = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
             "(dvs-builder@U16-I1-N08-07-2)  Sun Jul 27 06:54:38 UTC 2025")
+# what torch.cuda.init() raises when CUDA cannot start (c10/cuda/CUDAFunctions.cpp): it found no driver
+# library (a container started without its GPUs) or no GPU, which is_available() leaves unsaid, or it failed,
+# which is_available() warns at its first call in a process
+NO_DRIVER = ("Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU and installed "
+             "a driver from http://www.nvidia.com/Download/index.aspx")
+NO_GPU = "No CUDA GPUs are available"
+UNEXPECTED = ("Unexpected error from cudaGetDeviceCount(). Did you run some cuda functions before calling "
+              "NumCudaDevices() that might have already set an error? Error {}")
+ERROR_802 = UNEXPECTED.format("802: system not yet initialized")  # an HGX box whose fabric manager is down
+ERROR_804 = UNEXPECTED.format("804: forward compatibility was attempted on non supported HW")
+ERROR_999 = ("CUDA unknown error - this may be due to an incorrectly set up environment, e.g. changing env "
+             "variable CUDA_VISIBLE_DEVICES after program start. Setting the available devices to be zero.")
 
 
 @pytest.fixture
 def gpu_box(monkeypatch, tmp_path):
-    """gpu_box(driver, cuda, hip=None, kfd=False): torch sees no GPU, on a machine whose NVIDIA kernel module
-    reports the line `driver` (None: not loaded) or with AMD's /dev/kfd, with this torch built for CUDA `cuda`
-    or ROCm `hip` (both None: a CPU build)."""
-    def make(driver, cuda, hip=None, kfd=False, gfx=90402):
+    """gpu_box(driver, cuda, hip=None, kfd=False, cuda_error=NO_DRIVER): torch sees no GPU, on a machine
+    whose NVIDIA kernel module reports the line `driver` (None: not loaded) or with AMD's /dev/kfd, with this
+    torch built for CUDA `cuda` or ROCm `hip` (both None: a CPU build). CUDA cannot start, with torch's
+    `cuda_error`: is_available() warns it at its first call only, as torch's does; init() raises it."""
+    def make(driver, cuda, hip=None, kfd=False, gfx=90402, cuda_error=NO_DRIVER):
         nvidia, amd, nodes = tmp_path / "nvidia_version", tmp_path / "kfd", tmp_path / "nodes"
         for path in (nvidia, amd):
             path.unlink(missing_ok=True)
@@ -262,7 +276,20 @@ def gpu_box(monkeypatch, tmp_path):
         monkeypatch.setattr(devices, "AMD_TOPOLOGY", str(nodes))
         monkeypatch.setattr(torch.version, "cuda", cuda)
         monkeypatch.setattr(torch.version, "hip", hip)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        counted = []
+
+        def is_available():  # torch keeps its first count, and warns of a failure there only
+            if not counted and cuda_error not in (NO_DRIVER, NO_GPU):
+                warnings.warn(f"CUDA initialization: {cuda_error} (Triggered internally at "
+                              "/pytorch/c10/cuda/CUDAFunctions.cpp:109.)", UserWarning)
+            counted.append(0)
+            return False
+
+        def init():
+            raise RuntimeError(cuda_error)
+
+        monkeypatch.setattr(torch.cuda, "is_available", is_available)
+        monkeypatch.setattr(torch.cuda, "init", init)
     for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "RANK", "LOCAL_RANK",
               "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -301,6 +328,35 @@ def test_a_gpu_box_whose_gpus_this_torch_cannot_use_stops_auto_and_cuda_in_one_l
     assert resolve_device("cpu") == torch.device("cpu")  # asked for, the CPU runs there
     gpu_box(None, cuda, hip)  # a machine without GPUs (the quickstart's laptop): auto is its CPU, as before
     assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("error, words", [
+    (ERROR_802, ['but CUDA cannot start ("Error 802: system not yet initialized"): the fabric manager',
+                 "sudo systemctl start nvidia-fabricmanager (the package nvidia-fabricmanager-580, at the "
+                 "driver's version 580.65.06)", "nvidia-smi -q | grep -i fabric shows its state"]),
+    (ERROR_804, ['but CUDA cannot start: torch says "Error 804: forward compatibility was attempted on non '
+                 'supported HW"']),
+    (ERROR_999, [f'but CUDA cannot start: torch says "{ERROR_999}"']),
+    (NO_DRIVER, ["they are hidden from this process (a container started without --gpus all?)"]),
+    (NO_GPU, ["they are hidden from this process"]),
+], ids=["802-fabric-manager", "804", "999", "no-driver", "no-gpu"])
+def test_a_gpu_box_whose_cuda_cannot_start_says_why_in_torchs_words_and_802_names_the_fabric_manager(
+        gpu_box, error, words):
+    # an 8-GPU HGX box whose fabric manager is down: nvidia-smi lists its GPUs, torch warns "Error 802: system
+    # not yet initialized" and sees none. It warns at its first call only: `cuda` and `cuda:1` get no warning
+    gpu_box(OPEN_580, "13.0", cuda_error=error)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for arg in ("auto", "cuda", "cuda:1"):
+            with pytest.raises(UsageError) as e:
+                resolve_device(arg)
+            message = str(e.value)
+            assert message.startswith(f"--device {arg}: this machine has NVIDIA driver 580.65.06, new enough "
+                                      "for this torch's CUDA 13.0, but ") and "\n" not in message, message
+            assert all(w in message for w in words), message
+            assert ("hidden" in message) == (error in (NO_DRIVER, NO_GPU)), message
+            assert ("fabricmanager" in message) == (error == ERROR_802), message
+    assert len(warned) == (error not in (NO_DRIVER, NO_GPU))  # as torch: once, and for a failure only
 
 
 @pytest.mark.parametrize("gfx", [90012, 110003])  # a Ryzen laptop's Radeon (gfx90c), a desktop's RX 7600 (gfx1103)

@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
+import eval_only
+import hellaswag
 from conftest import ROOT, launch, run_main
+from devices import resolve_precision
 from hf_export import export_hf
+from memory_plan import HELLASWAG_BATCH
 from test_train import TINY, expect_error
-from train_gpt2 import get_tokenizer, load_model, main
+from train_gpt2 import GPT, GPTConfig, get_tokenizer, load_model, main
 
 FIXTURE_33 = ROOT / "tests" / "fixtures" / "hellaswag_val_33.jsonl"
 # a model of GPT-2's own 50,257 tokens (no padding rows), so that its export to transformers is the same model
@@ -61,6 +65,35 @@ def test_eval_only_under_torchrun_equals_one_process_and_scores_hellaswag(run, t
     assert f"\n{run / 'model_000003.pt'} | val loss {one['val_loss']:.4f}\n" in r.stdout  # as a run's eval step
     assert f"\n{run / 'model_000003.pt'} | HellaSwag acc_norm {round(30 * one['hellaswag_acc_norm'])}/30 = " in r.stdout
     assert os.listdir(tmp_path) == []  # no log folder on any rank
+
+
+def test_eval_only_runs_every_forward_without_autograd(run, monkeypatch):
+    # a graph kept per val batch is what ran a 24-40 GB card out of memory at --batch_size 64
+    grad_enabled = []
+
+    def load(source):
+        model = load_model(source)
+        model.register_forward_hook(lambda module, args, out: grad_enabled.append(torch.is_grad_enabled()))
+        return model
+    monkeypatch.setattr(eval_only, "load_model", load)
+    args = ["--eval_only", "--init_from", run / "model_000003.pt", "--hellaswag_data", FIXTURE_33] + EVAL
+    result(run_main(main, args))
+    # val's 31 sequences 4 at a time, HellaSwag's 30 examples 16 at a time
+    assert len(grad_enabled) == 8 + 2 and not any(grad_enabled)
+
+
+@pytest.mark.parametrize("block_size", [32, 1024])
+def test_the_plans_hellaswag_batch_is_its_first_and_longest(block_size):
+    # the memory plan's HellaSwag forward: HELLASWAG_BATCH examples of 4 rows of longest_row tokens (cut to
+    # a block_size of 32)
+    examples, _ = hellaswag.fit_to_block(hellaswag.load_examples("val", data=str(FIXTURE_33)), block_size)
+    model = GPT(GPTConfig(block_size=block_size, n_layer=1, n_head=2, n_embd=32))
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    hellaswag.evaluate_ranks(model, examples, 0, 1, torch.device("cpu"),
+                             resolve_precision("float32", torch.device("cpu")), False)
+    assert shapes[0] == (4 * HELLASWAG_BATCH, eval_only.longest_row(examples, block_size)), shapes
+    assert max(T for _, T in shapes) == shapes[0][1] and (shapes[0][1] == 32) == (block_size == 32)
 
 
 def test_eval_only_without_a_model_or_with_sample_is_one_line(tmp_path):

@@ -1,23 +1,27 @@
 """
---recompute (activation checkpointing), the memory plan printed before step 0, and out-of-memory errors that
-name the fix. Oracles: the run without --recompute, the real tensors' sizes, saved_tensors_hooks' bytes.
+--recompute (activation checkpointing), the memory plan printed before step 0 (and --eval_only's), and
+out-of-memory errors that name the fix. Oracles: the run without --recompute, the real tensors' sizes,
+saved_tensors_hooks' bytes, the CPU allocator's peak under the profiler.
 """
 import contextlib
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 
+import eval_only
+import hellaswag
 import train_gpt2
 from conftest import ROOT, launch
 from test_train import TINY, expect_error, read_log
 import memory_plan as plan_module
-from memory_plan import memory_plan
-from train_gpt2 import GPT, GPTConfig, TrainConfig, configure_optimizer, main
+from memory_plan import eval_plan, memory_plan
+from train_gpt2 import GPT, GPTConfig, TrainConfig, batch_loss, configure_optimizer, main
 
 TINY_RUN = TINY + ["--data", str(ROOT / "input.txt")]
+FIXTURE_33 = ROOT / "tests" / "fixtures" / "hellaswag_val_33.jsonl"
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_memory import kept_bytes  # noqa: E402  (the bench prints what these tests assert)
 
@@ -79,6 +83,52 @@ def test_val_holds_one_batchs_graph_at_a_time():
     one_step = peak_saved_bytes(lambda: model(*loader.batch(range(2))))
     assert abs(peak[1] - one_step) <= 0.01 * one_step  # the padded targets' few bytes aside
     assert peak[4] <= 1.01 * peak[1], peak  # 2x before val freed each batch's graph before the next forward
+
+
+def allocation_peak(fn):
+    """The most bytes fn() held allocated at once, beyond what was live before: the CPU allocator's own
+    allocations and frees, in the order the profiler saw them."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def events(nodes):
+        for e in nodes:
+            yield e
+            yield from events(e.children)
+    allocations = sorted((e for e in events(prof.profiler.kineto_results.experimental_event_tree())
+                          if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
+    live = peak = 0
+    for e in allocations:
+        live += e.extra_fields.alloc_size  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [dict(n_embd=64, vocab_size=4096), dict(n_embd=256, vocab_size=256)])
+def test_eval_plan_matches_the_allocators_peak_of_its_no_grad_forwards(shape, dtype):
+    # the logits dominate (as in GPT-2, where V = 65 C), or a block's MLP does
+    model_cfg = GPTConfig(block_size=64, n_layer=2, n_head=4, **shape)
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    half = dtype == "bfloat16"
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=half)
+    ids = lambda rows, T: torch.randint(0, 256, (rows, T))
+    mask = torch.ones(64, 32).long()
+    scored = lambda: hellaswag.ending_losses(model, ids(64, 32), mask, torch.bfloat16 if half else None)
+    val = eval_plan(model_cfg, TrainConfig(batch_size=8, seq_len=64), dtype, 0)
+    hella = eval_plan(model_cfg, TrainConfig(batch_size=1, seq_len=1), dtype, 32)  # 64 rows of 32 tokens
+    assert "val's forward" in val and "HellaSwag's forward" in hella
+    with torch.no_grad():  # as eval_only runs evaluate_val's batch_loss; HellaSwag's with every token scored
+        measured = [allocation_peak(lambda: batch_loss(model, ids(8, 64), ids(8, 64), autocast)),
+                    allocation_peak(scored)]
+    for plan, got in zip((val, hella), measured):
+        planned = sum(plan.values()) - plan["parameters"]  # the weights were allocated before
+        # less than planned where a block's MLP peaks before autocast copied the later weights (the plan
+        # counts all of them), or HellaSwag's loss after its autocast freed them
+        assert 0.93 * planned <= got <= 1.01 * planned, (plan, got)
 
 
 @pytest.mark.slow
@@ -166,6 +216,8 @@ def small_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an H100, as far
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # as precision and
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")  # compile ask
+    # a CUDA run sets TF32 matmuls, for good: not for the tests after this one
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
 
@@ -207,6 +259,57 @@ def test_out_of_memory_advice_names_each_fix_once():
         advice = plan_module.out_of_memory_advice("CUDA out of memory.", TrainConfig(batch_size=b))
         assert advice.count("--recompute") == 1 and advice.count("--fsdp") == 1, advice
         assert ("--batch_size 4" in advice) == (b == 8)
+
+
+def tiny_checkpoint(folder):
+    model_cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+    torch.save({"model": GPT(model_cfg).state_dict(), "config": asdict(model_cfg)}, folder / "tiny.pt")
+    return model_cfg, folder / "tiny.pt"
+
+
+def test_eval_only_that_cannot_fit_stops_before_the_model_moves_with_the_fix(small_gpu, tmp_path, capsys,
+                                                                              monkeypatch):
+    model_cfg, ckpt = tiny_checkpoint(tmp_path)
+    args = ["--eval_only", "--init_from", str(ckpt), "--data", str(ROOT / "input.txt"), "--device", "cuda",
+            "--seq_len", "32", "--batch_size", "8"]
+    cfg = train_gpt2.parse_args(args)[1]
+    planned = lambda b: sum(eval_plan(model_cfg, replace(cfg, batch_size=b), "bfloat16", 0).values())
+    free = lambda n: monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (n, 80 * 2**30))
+    # each stop comes before the model moves: on this CPU-only torch, a move to cuda would fail another way
+    hella = ["--hellaswag_data", str(FIXTURE_33)]  # its 64 rows of 32 tokens outweigh val's 8 x 32
+    for room, flags, fix in [(planned(3), ["--no-hellaswag"], "use --batch_size 3"),
+                             (planned(8), hella, "add --no-hellaswag"),
+                             (planned(3), hella, "add --no-hellaswag with --batch_size 3"),
+                             (planned(1) - 1, ["--no-hellaswag"], "--batch_size 1 does not fit either: "
+                              "evaluate on a GPU with more free memory, or --device cpu")]:
+        free(room)
+        msg = expect_error(args + flags, "per GPU, cuda:0 has ")
+        assert msg.endswith(f"free: {fix}; --no-memory_check runs anyway"), msg
+        assert "memory plan per GPU (--eval_only)" in capsys.readouterr().out
+    assert plan_module.check_eval_memory(model_cfg, replace(cfg, memory_check=False), "bfloat16", 0,
+                                         torch.device("cuda", 0), False) == planned(8)
+
+
+def test_out_of_memory_advice_under_eval_only_names_only_the_flags_it_reads():
+    for b, hella in ((8, True), (8, False), (1, True), (1, False)):
+        cfg = TrainConfig(eval_only=True, batch_size=b, hellaswag=hella)
+        advice = plan_module.out_of_memory_advice("CUDA out of memory.", cfg)
+        assert ("--batch_size 4" in advice) == (b == 8) and ("--no-hellaswag" in advice) == hella, advice
+        assert not any(w in advice for w in ("--recompute", "--fsdp", "total_batch", "checkpoint")), advice
+        assert ("more free memory" in advice) == (b == 1 and not hella), advice
+
+
+def test_out_of_memory_in_eval_only_names_its_fix(tmp_path, monkeypatch):
+    _, ckpt = tiny_checkpoint(tmp_path)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                     "capacity of 79.10 GiB of which 1.50 GiB is free. Including ...")
+    monkeypatch.setattr(eval_only, "evaluate_val", oom)
+    args = ["--eval_only", "--init_from", str(ckpt), "--data", str(ROOT / "input.txt"), "--seq_len", "32",
+            "--batch_size", "4", "--no-hellaswag"]
+    msg = expect_error(args, "out of memory (asked for 2.00 GiB with ")
+    assert msg.endswith("1.50 GiB free): try --batch_size 2"), msg
 
 
 def test_out_of_memory_in_a_step_names_the_fix_and_keeps_the_checkpoint_and_log(tmp_path, monkeypatch):

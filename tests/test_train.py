@@ -3,7 +3,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, launch
+from conftest import ROOT, free_port, launch
 from train_gpt2 import (EOT, GPT, DataLoader, GPTConfig, accumulate_gradients, configure_optimizer, find_data, get_lr,
                         main, parse_args)
 
@@ -318,12 +317,6 @@ def test_kill_9_anywhere_then_resume_until_done_equals_an_uninterrupted_run(tmp_
     assert "resuming at step 8" in capsys.readouterr().out
     assert (tmp_path / "run" / "log.txt").read_text() == (tmp_path / "full" / "run" / "log.txt").read_text()
     assert_same_weights(tmp_path / "full" / "run" / "model_000010.pt", tmp_path / "run" / "model_000010.pt")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
