@@ -97,6 +97,9 @@ def _rank(script, args, cwd, env, out, err):
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.environ.clear()  # the caller's environment now, not the server's when it started
+    # SIGINT's default, as a foreground `python` and torchrun's ranks (exec'd) have it: a forkserver started while
+    # its pytest worker ignored SIGINT would pass that on to every process it forks
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.update(env)
     os.chdir(cwd)
     sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

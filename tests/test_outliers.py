@@ -259,3 +259,27 @@ def test_a_noise_batch_is_skipped_with_the_flag_and_applied_without_it_and_resum
     main_1_thread(spike_args(tmp_path / "flag" / "data", resumed) + ["--skip_outliers", "7", "--resume"])
     assert same_state(run / f"model_{SPIKE + 1:06d}.pt", resumed / f"model_{SPIKE + 1:06d}.pt")
     assert (resumed / "log.txt").read_text() == (run / "log.txt").read_text()
+
+
+def test_a_non_finite_loss_is_skipped_under_the_flag_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    # without the flag such a step stops the run and names it (test_train.py)
+    import train_gpt2
+    from conftest import ROOT
+    real, calls = train_gpt2.accumulate_gradients, []
+
+    def nan_at_step_2(model, *args, **kwargs):  # step 2's loss and gradients nan, as from an overflow
+        loss = real(model, *args, **kwargs)
+        calls.append(loss)
+        if len(calls) == 3:
+            for p in model.parameters():
+                p.grad.fill_(math.nan)
+            return loss * math.nan
+        return loss
+    monkeypatch.setattr(train_gpt2, "accumulate_gradients", nan_at_step_2)
+    log = tmp_path / "log"
+    main_1_thread(TINY + ["--data", str(ROOT / "input.txt"), "--log_dir", str(log), "--max_steps", "4",
+                          "--checkpoint_interval", "1", "--skip_outliers", "7"])
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step") and "| loss" in line]
+    assert [line.endswith("skipped: loss nan is not finite") for line in steps] == [False, False, True, False]
+    assert same_state(log / "model_000002.pt", log / "model_000003.pt")
+    assert not same_state(log / "model_000003.pt", log / "model_000004.pt")  # the run went on
