@@ -14,7 +14,8 @@ from errors import CorruptCheckpoint, UsageError
 def data_identity(path):
     """What --data holds, whatever its spelling (./input.txt, a moved checkout): its files' names and
     sizes."""
-    files = [path] if path.endswith(".txt") else sorted(glob.glob(os.path.join(path, "*_*.npy")))
+    files = [path] if path.endswith(".txt") else sorted(glob.glob(os.path.join(path, "*_*.npy"))
+                                                         + glob.glob(os.path.join(path, "*_*.bin")))
     return [(os.path.basename(f), os.path.getsize(f)) for f in files]
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from bin_shards import open_bin
 from disk import by_name, check_checkpoint_room, load_checkpoint, pretty_bytes, write_checkpoint
 from devices import keep_freed_memory, peak_flops, resolve_compile, resolve_device, resolve_precision
 from errors import UsageError
@@ -288,7 +289,10 @@ def sample_text(model, cfg, seed=42, device="cpu"):
 
 
 def open_shard(path):
-    """The shard memory-mapped: only its header is read, so every shard can be checked up front."""
+    """The shard memory-mapped: only its header is read, so every shard can be checked up front. A .bin is
+    llm.c's format (bin_shards.py)."""
+    if path.endswith(".bin"):
+        return open_bin(path)
     try:
         tokens = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
@@ -392,7 +396,8 @@ class DataLoader:
 
 
 def find_data(path):
-    """--data: a folder of fineweb.py shards or a .txt file -> (train shards, val shards)."""
+    """--data: a folder of fineweb.py's (or llm.c's .bin) shards, or a .txt file -> (train shards, val
+    shards)."""
     if path.endswith(".txt"):
         if not os.path.isfile(path):
             raise UsageError(f"text file {path} does not exist; try --data input.txt")
@@ -412,11 +417,13 @@ def find_data(path):
         if not meta.get("complete") and int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {meta_file} says fineweb.py has not finished; training on the "
                   f"{len(meta.get('shards', []))} shards written so far")
-    train = sorted(glob.glob(os.path.join(path, "*_train_*.npy")))
-    val = sorted(glob.glob(os.path.join(path, "*_val_*.npy")))
+    train, val = (sorted(glob.glob(os.path.join(path, f"*_{split}_*.npy"))
+                         + glob.glob(os.path.join(path, f"*_{split}_*.bin"))) for split in ("train", "val"))
+    if {os.path.splitext(f)[1] for f in train + val} == {".npy", ".bin"}:  # the same data twice, perhaps
+        raise UsageError(f"'{path}' holds both .npy and .bin shards: keep one kind in a --data folder")
     if not train or not val:
         missing = "train" if not train else "val"
-        raise UsageError(f"no {missing} shards (*_{missing}_*.npy) in '{path}': make them with `python "
+        raise UsageError(f"no {missing} shards (*_{missing}_*.npy or .bin) in '{path}': make them with `python "
                          "fineweb.py` (or --input FILES for local text), pass --data FOLDER_OR_TXT, "
                          "or try `python train_gpt2.py --preset shakespeare`")
     return train, val
