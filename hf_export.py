@@ -1,9 +1,11 @@
 """
---export: a train_gpt2.py model as a transformers folder (weights, config, GPT-2's tokenizer, a Hub model
-card) that from_pretrained, pipeline() and lm-eval-harness load as they load OpenAI's gpt2. train_gpt2.main()
-imports this file only for --export, so training never needs transformers.
+transformers' GPT-2 both ways: OpenAI's weights (or a transformers folder) into train_gpt2.py's GPT, and
+--export, a train_gpt2.py model as a transformers folder (weights, config, GPT-2's tokenizer, a Hub model card)
+that from_pretrained, pipeline() and lm-eval-harness load as they load OpenAI's gpt2. train_gpt2.py imports
+this file only for those, so training never needs transformers.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -13,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData, metadata_load
 from tiktoken_ext.openai_public import r50k_pat_str
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers.utils import logging as hf_logging
 
 from disk import load_checkpoint
 from train_gpt2 import BPE_FILE, EOT, GPT2_VOCAB, UsageError, get_tokenizer
@@ -25,6 +28,35 @@ def hf_to_ours(sd):
     # transformers < 5 also stores the causal mask as attn.bias / attn.masked_bias buffers
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
+
+
+HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def load_hf(name_or_path):
+    """(GPTConfig's fields, our state_dict) of OpenAI's GPT-2 by name (from the HF hub) or of a folder saved by
+    transformers."""
+    if not os.path.isdir(name_or_path) and name_or_path not in HF_MODELS:
+        raise UsageError(f"unknown model '{name_or_path}': use one of {', '.join(HF_MODELS)} "
+                         "or a folder saved by transformers")
+    if os.path.isdir(name_or_path):
+        cfg_file = os.path.join(name_or_path, "config.json")
+        if not os.path.isfile(cfg_file) or json.load(open(cfg_file)).get("model_type") != "gpt2":
+            raise UsageError(f"'{name_or_path}' is not a GPT-2 checkpoint folder "
+                             "(no config.json with model_type 'gpt2')")
+    hf_logging.set_verbosity_error()
+    try:  # huggingface_hub's own offline (HF_HUB_OFFLINE=1) and proxy (HTTPS_PROXY) handling
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+    except OSError as e:
+        raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); offline? "
+                         "pass a local folder saved by transformers' save_pretrained, and set "
+                         "HF_HUB_OFFLINE=1 to fail at once") from None
+    c = hf.config
+    if c.activation_function != "gelu_new":
+        raise UsageError(f"'{name_or_path}' uses activation {c.activation_function}; GPT-2 uses gelu_new")
+    shape = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                 n_embd=c.n_embd)
+    return shape, hf_to_ours(hf.state_dict())
 
 
 EXPORT_TAG = "gpt2-repro-export"  # in every exported card's tags: marks a folder a later --export may replace

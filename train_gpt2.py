@@ -190,35 +190,11 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """OpenAI's GPT-2 from the HF hub by name, or from a local folder saved by transformers."""
-        if not os.path.isdir(name_or_path) and name_or_path not in HF_MODELS:
-            raise UsageError(f"unknown model '{name_or_path}': use one of {', '.join(HF_MODELS)} "
-                             "or a folder saved by transformers")
-        if os.path.isdir(name_or_path):
-            cfg_file = os.path.join(name_or_path, "config.json")
-            if not os.path.isfile(cfg_file) or json.load(open(cfg_file)).get("model_type") != "gpt2":
-                raise UsageError(f"'{name_or_path}' is not a GPT-2 checkpoint folder "
-                                 "(no config.json with model_type 'gpt2')")
-        from transformers import GPT2LMHeadModel  # only here, so training never needs transformers
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        try:  # huggingface_hub's own offline (HF_HUB_OFFLINE=1) and proxy (HTTPS_PROXY) handling
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except OSError as e:
-            raise UsageError(f"could not load '{name_or_path}' ({str(e).splitlines()[0][:200]}); offline? "
-                             "pass a local folder saved by transformers' save_pretrained, and set "
-                             "HF_HUB_OFFLINE=1 to fail at once") from None
-        c = hf.config
-        if c.activation_function != "gelu_new":
-            raise UsageError(f"'{name_or_path}' uses activation {c.activation_function}; GPT-2 uses gelu_new")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd)
-        model = cls(config)
-        from hf_export import hf_to_ours
-        model.load_state_dict(hf_to_ours(hf.state_dict()))
+        from hf_export import load_hf  # only here: it imports transformers, which training never needs
+        shape, state_dict = load_hf(name_or_path)
+        model = cls(GPTConfig(**shape))
+        model.load_state_dict(state_dict)
         return model
-
-
-HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def pad_vocab(model, vocab_size):
