@@ -13,12 +13,17 @@ a document may run on into the next shard. Shard 0 is the validation split:
     python fineweb.py                       # FineWeb-Edu sample-10BT: ~10B tokens, ~20 GB of shards
     python fineweb.py --streaming           # the same, never keeping the dataset on disk
     python fineweb.py --input input.txt --output_dir shakespeare --prefix shakespeare --shard_size 100000
+    python fineweb.py --download fineweb10B --shards 9   # kjj0's ready-made llm.c .bin shards, no tokenizing
     python fineweb.py --input ../shared/data/gutenberg/gutenberg_books.jsonl \\
                       --output_dir gutenberg --prefix gutenberg --shard_size 10000000
 
 --input takes files or globs: .txt (one document per file), .jsonl (one per line, in --text_field)
 and .parquet (one per row). Killed or interrupted, rerun the same command: it continues after the
 last complete shard and writes the same bytes an uninterrupted run would have written.
+
+--download NAME fetches instead the shards, already tokenized, that modded-nanogpt's data/cached_NAME.py
+fetch (fineweb10B, finewebedu10B or fineweb100B): the val shard and the first --shards train shards of 100M
+tokens, into ./NAME/, for --data NAME. A rerun skips the shards already there, checked, and fetches the rest.
 """
 
 import argparse
@@ -26,6 +31,7 @@ import glob
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -35,6 +41,7 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
+from bin_shards import HEADER_BYTES, open_bin
 from disk import write_atomically
 from train_gpt2 import EOT, UsageError, get_tokenizer
 
@@ -318,6 +325,94 @@ def open_output(output_dir, prefix, source, shard_size, overwrite):
 
 
 # -----------------------------------------------------------------------------
+# --download: kjj0's FineWeb shards on the HF hub, GPT-2 tokens in llm.c's .bin format, 100M tokens a shard
+
+DOWNLOADS = {  # NAME: (HF dataset, file prefix, train shards), from modded-nanogpt's data/cached_*.py
+    "fineweb10B": ("kjj0/fineweb10B-gpt2", "fineweb", 103),
+    "finewebedu10B": ("kjj0/finewebedu10B-gpt2", "finewebedu", 99),
+    "fineweb100B": ("kjj0/fineweb100B-gpt2", "fineweb", 1030),
+}
+
+
+def check_bin(path):
+    """The token count of llm.c shard `path`: its header checked (bin_shards.open_bin) and its size exact."""
+    count = len(open_bin(path))
+    extra = os.path.getsize(path) - HEADER_BYTES - 2 * count
+    if extra:
+        raise UsageError(f"shard {path} has {extra:,} bytes after the {count:,} tokens its header counts")
+    return count
+
+
+def fetch_shard(repo, name, output_dir):
+    """Shard `name` of `repo` into output_dir, checked: copied from the HF cache where it is there (offline
+    too), else downloaded by huggingface_hub straight into output_dir (resuming a dropped connection)."""
+    from huggingface_hub import hf_hub_download, is_offline_mode, try_to_load_from_cache
+    path = os.path.join(output_dir, name)
+    cached = try_to_load_from_cache(repo, name, repo_type="dataset")
+    if isinstance(cached, str):
+        try:
+            check_bin(cached)
+        except UsageError as e:
+            raise UsageError(f"{e}; that is the Hugging Face cache's copy: delete it and rerun to download it"
+                             ) from None
+        with open(cached, "rb") as src:
+            write_atomically(path, lambda f: shutil.copyfileobj(src, f))
+        return check_bin(path)
+    try:
+        hf_hub_download(repo, name, repo_type="dataset", local_dir=output_dir)
+    except Exception as e:  # offline, unreachable, gated, not found: huggingface_hub raises many types
+        if is_offline_mode():
+            raise UsageError(f"{name} of {repo} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set: "
+                             "unset it to download, or tokenize local text with --input") from None
+        cause = e.__cause__ or e  # unreachable: the connection's error, under huggingface_hub's long one
+        first_line = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"could not download {name} from {repo} ({type(cause).__name__}: {first_line}); "
+                         "offline? rerun the same command when online: it keeps the shards it has") from None
+    try:
+        return check_bin(path)
+    except UsageError as e:
+        os.remove(path)  # so that a rerun downloads it again
+        raise UsageError(f"{e}; downloaded from {repo}, now removed: rerun to download it again") from None
+
+
+def download(args):
+    if args.download not in DOWNLOADS:
+        raise UsageError(f"--download takes {', '.join(DOWNLOADS)} (got '{args.download}')")
+    if args.input or args.dataset or args.name or args.streaming:
+        raise UsageError("--download fetches shards already tokenized: drop --input, --dataset, --name "
+                         "and --streaming")
+    repo, prefix, train_shards = DOWNLOADS[args.download]
+    n = train_shards if args.shards is None else args.shards
+    if not 1 <= n <= train_shards:
+        raise UsageError(f"--shards must be 1 to {train_shards}, the train shards of {repo} (got {n})")
+    output_dir = args.output_dir or args.download
+    os.makedirs(output_dir, exist_ok=True)
+    if glob.glob(os.path.join(glob.escape(output_dir), "*.npy")):
+        raise UsageError(f"{output_dir} holds fineweb.py's .npy shards, and --data reads one kind per folder: "
+                         "pass another --output_dir")
+    # a run killed mid-shard leaves its part behind: our copy's .tmp, or huggingface_hub's, never read again
+    folder = glob.escape(output_dir)
+    for part in glob.glob(os.path.join(folder, "*.bin.tmp")) + glob.glob(
+            os.path.join(folder, ".cache", "huggingface", "download", "**", "*.incomplete"), recursive=True):
+        os.remove(part)
+    names = [f"{prefix}_val_000000.bin"] + [f"{prefix}_train_{i:06d}.bin" for i in range(1, n + 1)]
+    tokens = fetched = 0
+    for name in tqdm(names, desc=f"{args.download} shards", unit="shard", disable=None):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            try:
+                tokens += check_bin(path)
+                continue
+            except UsageError as e:  # e.g. cut short by a disk that filled, or a kill during a copy
+                tqdm.write(f"{e}: replacing it")
+                os.remove(path)
+        tokens += fetch_shard(repo, name, output_dir)
+        fetched += 1
+    print(f"{output_dir}: {len(names)} shards (1 val, {n} train) of {repo}, {tokens:,} tokens; "
+          f"{fetched} fetched, {len(names) - fetched} already there; train on them with --data {output_dir}")
+
+
+# -----------------------------------------------------------------------------
 # the script
 
 
@@ -343,6 +438,8 @@ def run(args):
         raise UsageError(f"--shard_size {args.shard_size:,} needs {2 * args.shard_size / 2**30:.1f} GiB "
                          f"of memory, only {memory / 2**30:.1f} GiB is available; "
                          "pass a smaller --shard_size")
+    if args.shards is not None:
+        raise UsageError("--shards goes with --download; the tokenized shards' size is --shard_size")
     if args.num_proc < 1:
         raise UsageError(f"--num_proc must be >= 1 (got {args.num_proc})")
     if args.input and args.dataset:
@@ -351,6 +448,7 @@ def run(args):
         args.name = args.name or (DEFAULT_NAME if args.dataset is None else None)
         args.dataset = args.dataset or DEFAULT_DATASET
     paths = expand_inputs(args.input) if args.input else None
+    args.output_dir = args.output_dir or "edu_fineweb10B"
     meta = open_output(args.output_dir, args.prefix, source_of(args, paths), args.shard_size, args.overwrite)
     if meta["complete"]:
         print(f"{args.output_dir} is already complete: {len(meta['shards'])} shards, "
@@ -424,8 +522,7 @@ def parse_args(argv=None):
                    help="the field (jsonl) or column (parquet, HF) holding the text (default text)")
     p.add_argument("--streaming", action="store_true",
                    help="stream the HF dataset instead of downloading it first")
-    p.add_argument("--output_dir", default="edu_fineweb10B",
-                   help="where the shards go (default edu_fineweb10B)")
+    p.add_argument("--output_dir", help="where the shards go (default edu_fineweb10B, or NAME with --download)")
     p.add_argument("--prefix", default="edufineweb",
                    help="shard file names start with it (default edufineweb)")
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard (default 100000000)")
@@ -434,13 +531,17 @@ def parse_args(argv=None):
                    else os.cpu_count(), help="tokenizer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards made from another source or shard size")
+    p.add_argument("--download", metavar="NAME",
+                   help=f"fetch kjj0's tokenized shards instead: {', '.join(DOWNLOADS)}")
+    p.add_argument("--shards", type=int,
+                   help="with --download: the val shard and this many train shards (default all)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        download(args) if args.download else run(args)
     except UsageError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
