@@ -1,12 +1,14 @@
 """
 --eval_only: any model measured as a run's eval step measures it, on the run's own val tokens (the first
---val_tokens of --data's val split, whatever the number of ranks) and HellaSwag, with nothing written: what
-puts OpenAI's 3.2924 and 0.2955 beside a run on the same data. train_gpt2.py imports it only for --eval_only.
+--val_tokens of --data's val split, whatever the number of ranks), HellaSwag and, with --core, CORE, with
+nothing written: what puts OpenAI's 3.2924 and 0.2955 beside a run on the same data. train_gpt2.py imports it
+only for --eval_only.
 """
 import json
 
 import torch
 
+import core
 import hellaswag
 from devices import resolve_precision
 from memory_plan import check_eval_memory
@@ -53,6 +55,14 @@ def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, d
                                                   distributed)
         result.update(hellaswag_examples=total, hellaswag_acc_norm=correct / total)
         say(f"{source} | {hellaswag.run_line(correct, total, precision)}", flush=True)
+    tasks = (core.load_for_run(cfg.core_bundle, cfg.core_max_per_task, rank == 0, distributed)
+             if cfg.core else None)
+    if tasks is not None:
+        scores = core.evaluate(model, tasks, device, rank, world, distributed,
+                               autocast_dtype=precision.autocast_dtype,
+                               say=lambda line: say(line, flush=True))
+        result.update(core=scores["core"], core_results=scores["results"], core_centered=scores["centered"])
+        say(f"{source} | CORE {scores['core']:.4f} | {core.openai_line()}", flush=True)
     say(json.dumps(result), flush=True)  # for scripts
 
 

@@ -65,6 +65,7 @@ def check_config(model_cfg, cfg, sample_cfg, gpt2_vocab):
     need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.max_lr, "min_lr",
          f"a learning rate from 0 to --max_lr {cfg.max_lr}")
     need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0, e.g. 0.1")
+    need(cfg.core_max_per_task is None or cfg.core_max_per_task >= 1, "core_max_per_task", "an integer >= 1")
     need(cfg.skip_outliers >= 0, "skip_outliers", "a z-score > 0, e.g. 7 as llm.c's scripts (0: off)")
     need(cfg.grad_clip >= 0, "grad_clip", "a gradient norm >= 0 (0: no clipping), e.g. 1.0")
     need(cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")

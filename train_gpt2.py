@@ -399,9 +399,9 @@ def find_data(path):
         raise UsageError(f"'{path}' holds both .npy and .bin shards: keep one kind in a --data folder")
     if not train or not val:
         missing = "train" if not train else "val"
-        raise UsageError(f"no {missing} shards (*_{missing}_*.npy or .bin) in '{path}': make them with `python "
-                         "fineweb.py` (or --input FILES for local text), pass --data FOLDER_OR_TXT, "
-                         "or try `python train_gpt2.py --preset shakespeare`")
+        raise UsageError(f"no {missing} shards (*_{missing}_*.npy or .bin) in '{path}': make them with "
+                         "`python fineweb.py` (--input FILES: local text; --download fineweb10B: llm.c's), "
+                         "pass --data FOLDER_OR_TXT, or try `python train_gpt2.py --preset shakespeare`")
     return train, val
 
 
@@ -705,7 +705,7 @@ def train(cfg, model_cfg, sample_cfg, given=()):
 
 
 def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
-    import hellaswag  # here: hellaswag.py and memory_plan.py import this file
+    import core, hellaswag  # here: they (and memory_plan.py) import this file
     from memory_plan import check_memory, checkpoint_bytes
     master = rank == 0
     min_lr = 0.1 * cfg.max_lr if cfg.min_lr is None else cfg.min_lr
@@ -746,6 +746,8 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
     block_size = raw_model.config.block_size
     hella_examples = hellaswag.load_for_run(cfg.hellaswag_data, block_size, master, distributed) \
         if cfg.hellaswag else None
+    core_tasks = core.load_for_run(cfg.core_bundle, cfg.core_max_per_task, master, distributed) \
+        if cfg.core else None
     # val runs the step's model; HellaSwag (ragged shapes) and sampling (KV cache) run raw_model, eagerly
     model = wrap_model(raw_model, parallel, use_compile, precision.dtype, device, cfg.recompute)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.max_lr, device.type, cfg.optimizer,
@@ -799,6 +801,13 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
                                                                   stop.check)
                         log.print(f"step {step:5d} | {hellaswag.run_line(correct, total, precision)}")
                         log.log(step, "hella", correct / total, ".4f")
+                    if core_tasks is not None and last:
+                        with torch.compiler.set_stance("force_eager"):
+                            score = core.evaluate(raw_model, core_tasks, device, rank, world, distributed,
+                                                  autocast_dtype=precision.autocast_dtype,
+                                                  between_batches=stop.check)["core"]
+                        log.print(f"step {step:5d} | CORE {score:.4f} | {core.openai_line()}")
+                        log.log(step, "core", score, ".4f")
                 # under FSDP every rank samples (the same text: one seed), as every forward needs all of them
                 if (step > 0 and step % cfg.sample_interval == 0) or last:
                     stop.check()
@@ -876,7 +885,7 @@ def _train(cfg, model_cfg, sample_cfg, given, distributed, rank, world, device):
 
 @dataclass
 class TrainConfig:
-    data: str = "edu_fineweb10B"  # folder of fineweb.py shards, or a .txt file (last 10% held out for val)
+    data: str = "edu_fineweb10B"  # folder of fineweb.py's (or llm.c's .bin) shards, or a .txt (last 10%: val)
     log_dir: str = "log"  # log.txt and checkpoints
     batch_size: int = 64  # micro-batch B per process
     seq_len: int = 1024  # T
@@ -888,28 +897,27 @@ class TrainConfig:
     max_steps: int = 19073  # 10B tokens / 524288
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    # skip a step's update when its loss's or grad norm's z-score over the last 128 steps is above this, as
-    # llm.c's -sl/-sg (outliers.py); 0: off, as in build-nanogpt's 124M recipe
-    skip_outliers: float = 0.0
+    skip_outliers: float = 0.0  # skip an update whose loss or grad norm z-score is above it, as llm.c; 0: off
     shuffle: bool = True  # seeded shard order per epoch and document order within shards
     eval_interval: int = 250
     val_tokens: int = 10485760  # a fixed prefix of the val split, the same for every world size
     hellaswag: bool = True
     hellaswag_data: str = None  # hellaswag_val.jsonl or its folder; default: hellaswag.py's download cache
+    core: bool = False  # CORE as nanochat scores it (core.py), at the last step: 22 tasks, minutes on a GPU
+    core_bundle: str = None  # an unpacked eval bundle; default: core.py's download cache
+    core_max_per_task: int = None  # the first N rows of each task (a quick look, not comparable)
     sample_interval: int = 250
     checkpoint_interval: int = 5000
     # seconds a rank waits on the others before it exits, so torchrun can restart a hung group: rank 0 writing
     # an XL checkpoint (18.7 GB) is the longest honest wait (docs/fault_tolerance.md)
     dist_timeout: int = 600
     resume: bool = False  # continue from the newest checkpoint in log_dir
-    # only evaluate --init_from (or the newest checkpoint in log_dir) as at an eval step: val loss, HellaSwag
+    # only evaluate --init_from (or the newest checkpoint in log_dir) as at an eval step: val, HellaSwag, CORE
     eval_only: bool = False
     fsdp: bool = False  # shard parameters, gradients and AdamW's state over the ranks (FSDP2); default DDP
     # activation checkpointing: each block keeps only its input and recomputes in backward
     recompute: bool = False
-    # on a GPU, stop before step 0 (or before --eval_only moves the model there) when the memory plan does
-    # not fit
-    memory_check: bool = True
+    memory_check: bool = True  # on a GPU, stop before step 0 (or --eval_only) if the memory plan does not fit
     init_from: str = None  # start from gpt2 ... gpt2-xl, a transformers folder or a .pt checkpoint
     # default: on where inductor can build kernels (CUDA, Triton, compute capability >= 7.0)
     compile: bool = None
