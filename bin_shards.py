@@ -1,8 +1,8 @@
 """
-llm.c's token shards, the .bin files that llm.c and modded-nanogpt train on and kjj0's FineWeb datasets on the
-HF hub ship: a header of 256 int32 (magic 20240520, version 1, the token count), then the GPT-2 tokens as
-uint16 (llm.c's dev/data/data_common.py, write_datafile). --data reads a folder of them as it reads fineweb.py's
-.npy shards: memory-mapped, in the same data order, with the same checks.
+llm.c's token shards, the .bin files that llm.c and modded-nanogpt train on and kjj0's FineWeb datasets on
+the HF hub ship: a header of 256 int32 (magic 20240520, version 1, the token count), then the GPT-2 tokens as
+uint16 (llm.c's dev/data/data_common.py, write_datafile). --data reads a folder of them as it reads
+fineweb.py's .npy shards: memory-mapped, in the same data order, with the same checks.
 """
 import os
 
@@ -20,8 +20,8 @@ def open_bin(path):
     file."""
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
-        raise UsageError(f"shard {path} is {size} bytes, shorter than llm.c's {HEADER_BYTES}-byte header: cut "
-                         "short? fetch it again")
+        raise UsageError(f"shard {path} is {size} bytes, shorter than llm.c's {HEADER_BYTES}-byte header: "
+                         "cut short? fetch it again")
     magic, version, count = (int(v) for v in np.fromfile(path, dtype="<i4", count=3))
     if magic == LLAMA3_MAGIC:
         raise UsageError(f"shard {path} holds llm.c's llama-3 tokens (magic {magic}, uint32), not GPT-2's: "

@@ -362,8 +362,8 @@ def fetch_shard(repo, name, output_dir):
         hf_hub_download(repo, name, repo_type="dataset", local_dir=output_dir)
     except Exception as e:  # offline, unreachable, gated, not found: huggingface_hub raises many types
         if is_offline_mode():
-            raise UsageError(f"{name} of {repo} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set: "
-                             "unset it to download, or tokenize local text with --input") from None
+            raise UsageError(f"{name} of {repo} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is "
+                             "set: unset it to download, or tokenize local text with --input") from None
         cause = e.__cause__ or e  # unreachable: the connection's error, under huggingface_hub's long one
         first_line = (str(cause).strip().splitlines() or [""])[0][:200]
         raise UsageError(f"could not download {name} from {repo} ({type(cause).__name__}: {first_line}); "
@@ -388,8 +388,8 @@ def download(args):
     output_dir = args.output_dir or args.download
     os.makedirs(output_dir, exist_ok=True)
     if glob.glob(os.path.join(glob.escape(output_dir), "*.npy")):
-        raise UsageError(f"{output_dir} holds fineweb.py's .npy shards, and --data reads one kind per folder: "
-                         "pass another --output_dir")
+        raise UsageError(f"{output_dir} holds fineweb.py's .npy shards, and --data reads one kind per "
+                         "folder: pass another --output_dir")
     # a run killed mid-shard leaves its part behind: our copy's .tmp, or huggingface_hub's, never read again
     folder = glob.escape(output_dir)
     for part in glob.glob(os.path.join(folder, "*.bin.tmp")) + glob.glob(
@@ -522,7 +522,8 @@ def parse_args(argv=None):
                    help="the field (jsonl) or column (parquet, HF) holding the text (default text)")
     p.add_argument("--streaming", action="store_true",
                    help="stream the HF dataset instead of downloading it first")
-    p.add_argument("--output_dir", help="where the shards go (default edu_fineweb10B, or NAME with --download)")
+    p.add_argument("--output_dir",
+                   help="where the shards go (default edu_fineweb10B, or NAME with --download)")
     p.add_argument("--prefix", default="edufineweb",
                    help="shard file names start with it (default edufineweb)")
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard (default 100000000)")

@@ -1,8 +1,8 @@
 """
 transformers' GPT-2 both ways: OpenAI's weights (or a transformers folder) into train_gpt2.py's GPT, and
---export, a train_gpt2.py model as a transformers folder (weights, config, GPT-2's tokenizer, a Hub model card)
-that from_pretrained, pipeline() and lm-eval-harness load as they load OpenAI's gpt2. train_gpt2.py imports
-this file only for those, so training never needs transformers.
+--export, a train_gpt2.py model as a transformers folder (weights, config, GPT-2's tokenizer, a Hub model
+card) that from_pretrained, pipeline() and lm-eval-harness load as they load OpenAI's gpt2. train_gpt2.py
+imports this file only for those, so training never needs transformers.
 """
 
 import json
@@ -34,8 +34,8 @@ HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def load_hf(name_or_path):
-    """(GPTConfig's fields, our state_dict) of OpenAI's GPT-2 by name (from the HF hub) or of a folder saved by
-    transformers."""
+    """(GPTConfig's fields, our state_dict) of OpenAI's GPT-2 by name (from the HF hub) or of a folder saved
+    by transformers."""
     if not os.path.isdir(name_or_path) and name_or_path not in HF_MODELS:
         raise UsageError(f"unknown model '{name_or_path}': use one of {', '.join(HF_MODELS)} "
                          "or a folder saved by transformers")
