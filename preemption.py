@@ -48,19 +48,16 @@ class StopOnSignal:
         for sig, handler in self._before.items():
             signal.signal(sig, handler)
 
-    def agreed(self):
-        """Whether any rank has had a signal: a collective, so every rank calls it at the same points and
-        all stop together. The step does not call it: its flag rides the loss's all-reduce."""
-        if not self.distributed:
-            return self.signal is not None
-        flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
-
     def check(self):
         """An eval's check before each batch (and before samples): Stopped, on every rank, once any had a
-        signal."""
-        if self.agreed():
+        signal. A collective, so every rank calls it at the same points; the step does not call it, its flag
+        rides the loss's all-reduce."""
+        stop = self.signal is not None
+        if self.distributed:
+            flag = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(flag)
+            stop = flag.item() > 0
+        if stop:
             raise Stopped
 
     @property
