@@ -258,8 +258,10 @@ def test_killed_download_keeps_its_whole_shards_and_refetches_the_cut_one(tmp_pa
     proc = subprocess.Popen([sys.executable, str(ROOT / "fineweb.py"), "--download", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
+        # wait for train_000002's part, the only one that grows past 1 MiB; not any part, since a small shard's
+        # can be caught between its write and its rename (a race that failed CI once)
         deadline = time.time() + 60
-        while not [p for p in out.rglob("*.incomplete") if p.stat().st_size > 0]:
+        while not [p for p in out.rglob("*.incomplete") if p.stat().st_size > 2**20]:
             assert proc.poll() is None and time.time() < deadline, "the download ended, or never began"
             time.sleep(0.05)
     finally:
