@@ -255,6 +255,7 @@ def test_killed_download_keeps_its_whole_shards_and_refetches_the_cut_one(tmp_pa
     out = tmp_path / "out"
     args = ["fineweb10B", "--shards", 2, "--output_dir", out]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()} | hub
+    env["HF_HUB_DOWNLOAD_TIMEOUT"] = "600"  # the hang outlasts the wait below: its 10 s default would resume it
     proc = subprocess.Popen([sys.executable, str(ROOT / "fineweb.py"), "--download", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
