@@ -34,6 +34,9 @@ def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, d
         raise UsageError(f"--seq_len {cfg.seq_len} is longer than {source}'s block_size {block_size}")
     examples = (hellaswag.load_for_run(cfg.hellaswag_data, block_size, rank == 0, distributed)
                 if cfg.hellaswag else None)
+    # the eval data before the model: a missing bundle is said (and downloaded) before minutes of val
+    tasks = (core.load_for_run(cfg.core_bundle, cfg.core_max_per_task, rank == 0, distributed)
+             if cfg.core else None)
     # before the model moves to the GPU: a plan that does not fit stops every rank with the fix
     hellaswag_tokens = longest_row(examples, block_size)
     on_every_rank(lambda: check_eval_memory(model.config, cfg, precision.dtype, hellaswag_tokens, device,
@@ -55,8 +58,6 @@ def evaluate_only(cfg, model_cfg, sample_cfg, given, distributed, rank, world, d
                                                   distributed)
         result.update(hellaswag_examples=total, hellaswag_acc_norm=correct / total)
         say(f"{source} | {hellaswag.run_line(correct, total, precision)}", flush=True)
-    tasks = (core.load_for_run(cfg.core_bundle, cfg.core_max_per_task, rank == 0, distributed)
-             if cfg.core else None)
     if tasks is not None:
         scores = core.evaluate(model, tasks, device, rank, world, distributed,
                                autocast_dtype=precision.autocast_dtype,
